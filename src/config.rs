@@ -1,0 +1,631 @@
+//! The operator's TOML file, read into typed and validated settings. Every error names
+//! the file and the key (and, for syntax errors, the line), so a typo is found at once.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::policy::{Basis, Purpose};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole validated configuration, with every path made absolute.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub smtp: SmtpConfig,
+    pub http: HttpConfig,
+    pub storage: StorageConfig,
+    pub upstream: UpstreamConfig,
+    pub queue: QueueConfig,
+    pub default_purpose: String,
+    pub purposes: Vec<Purpose>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    pub listen: Vec<SocketAddr>,
+    /// The name optgate gives itself in the greeting and in Received/DSN headers.
+    pub hostname: String,
+    pub trusted_networks: Vec<IpNet>,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    /// Longest data line accepted, in octets without CRLF (RFC 5322 says 998).
+    pub max_line_length: usize,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Certificate and key for STARTTLS; None means a self-signed pair is generated
+    /// into the data directory on first start.
+    pub tls: Option<TlsFiles>,
+    pub accounts: Vec<Account>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub username: String,
+    /// A PHC string (`$argon2id$…`), as printed by `optgate hash-password`.
+    pub password_hash: String,
+    /// If set, the only purposes this account may send for.
+    pub purposes: Option<Vec<String>>,
+    pub default_purpose: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    /// fsync every commit (the default). Off only for throwaway test instances.
+    pub fsync: bool,
+}
+
+impl StorageConfig {
+    pub fn database(&self) -> PathBuf {
+        self.data_dir.join("optgate.db")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum UpstreamConfig {
+    /// Write every outgoing copy as an .eml file into a folder.
+    File { path: PathBuf },
+    Smtp(SmtpUpstream),
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpUpstream {
+    pub host: String,
+    pub port: u16,
+    pub tls: UpstreamTls,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Accept an upstream certificate that does not verify (self-signed test relays).
+    pub accept_invalid_certs: bool,
+    /// Connections kept open to the upstream.
+    pub pool_size: u32,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Delay before each retry of a transient failure; the last one repeats.
+    pub retry_schedule: Vec<Duration>,
+    /// Past this age a message that still cannot be delivered is bounced.
+    pub max_age: Duration,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+}
+
+// ---- the file as written ---------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    smtp: RawSmtp,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    queue: RawQueue,
+    #[serde(default)]
+    policy: RawPolicy,
+    #[serde(default)]
+    purpose: Vec<RawPurpose>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSmtp {
+    listen: Vec<String>,
+    hostname: Option<String>,
+    trusted_networks: Vec<String>,
+    max_message_size: usize,
+    max_recipients: usize,
+    max_line_length: usize,
+    idle_timeout: String,
+    max_connections: usize,
+    max_connections_per_ip: usize,
+    tls: Option<RawTls>,
+    account: Vec<RawAccount>,
+}
+
+impl Default for RawSmtp {
+    fn default() -> Self {
+        RawSmtp {
+            listen: vec!["127.0.0.1:2525".into()],
+            hostname: None,
+            trusted_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 1000,
+            max_line_length: 998,
+            idle_timeout: "5m".into(),
+            max_connections: 1024,
+            max_connections_per_ip: 128,
+            tls: None,
+            account: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    username: String,
+    password_hash: String,
+    purposes: Option<Vec<String>>,
+    default_purpose: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawHttp {
+    listen: String,
+    public_url: String,
+}
+
+impl Default for RawHttp {
+    fn default() -> Self {
+        RawHttp {
+            listen: "127.0.0.1:8080".into(),
+            public_url: "http://127.0.0.1:8080".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStorage {
+    data_dir: String,
+    fsync: bool,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            data_dir: "data".into(),
+            fsync: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUpstream {
+    kind: String,
+    path: String,
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<UpstreamTls>,
+    username: Option<String>,
+    password: Option<String>,
+    accept_invalid_certs: bool,
+    pool_size: u32,
+    timeout: String,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            kind: "file".into(),
+            path: "data/outbox".into(),
+            host: None,
+            port: None,
+            tls: None,
+            username: None,
+            password: None,
+            accept_invalid_certs: false,
+            pool_size: 16,
+            timeout: "60s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawQueue {
+    retry_schedule: Vec<String>,
+    max_age: String,
+    concurrency: usize,
+}
+
+impl Default for RawQueue {
+    fn default() -> Self {
+        RawQueue {
+            retry_schedule: ["1m", "5m", "15m", "1h", "4h"].map(String::from).to_vec(),
+            max_age: "5d".into(),
+            concurrency: 64,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    default_purpose: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPurpose {
+    id: String,
+    name: String,
+    basis: Basis,
+    expires_after_days: Option<u32>,
+    #[serde(default)]
+    description: String,
+}
+
+// ---- reading and validating ------------------------------------------------------
+
+impl Config {
+    /// Reads, parses and validates `path`. Relative paths inside are taken from the
+    /// folder that holds the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text as if read from `path` (which anchors relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        Validator { path, base: &base }.config(raw)
+    }
+
+    pub fn purpose(&self, id: &str) -> Option<&Purpose> {
+        self.purposes.iter().find(|p| p.id == id)
+    }
+
+    /// Whether `ip` belongs to a network that may relay without AUTH.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.smtp.trusted_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// IPv4 clients reaching a dual-stack socket appear as `::ffff:a.b.c.d`.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+struct Validator<'a> {
+    path: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn resolve(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
+        humantime::parse_duration(value)
+            .map_err(|e| self.err(key, format!("'{value}' is not a duration ({e}); write e.g. \"90s\", \"5m\", \"4h\", \"5d\"")))
+    }
+
+    fn socket(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value
+            .parse()
+            .map_err(|_| self.err(key, format!("'{value}' is not an address:port such as \"127.0.0.1:2525\"")))
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let purposes = self.purposes(raw.purpose)?;
+        let known = |id: &str| purposes.iter().any(|p| p.id == id);
+        let default_purpose = match raw.policy.default_purpose {
+            Some(id) if known(&id) => id,
+            Some(id) => return Err(self.err("policy.default_purpose", format!("unknown purpose '{id}'"))),
+            None => purposes[0].id.clone(),
+        };
+        let smtp = self.smtp(raw.smtp, &known)?;
+        let http = raw.http;
+        let http = HttpConfig {
+            listen: self.socket("http.listen", &http.listen)?,
+            public_url: http.public_url.trim_end_matches('/').to_string(),
+        };
+        if !(http.public_url.starts_with("http://") || http.public_url.starts_with("https://")) {
+            return Err(self.err("http.public_url", "must start with http:// or https://"));
+        }
+        let storage = StorageConfig {
+            data_dir: self.resolve(&raw.storage.data_dir),
+            fsync: raw.storage.fsync,
+        };
+        let upstream = self.upstream(raw.upstream)?;
+        let queue = self.queue(raw.queue)?;
+        Ok(Config {
+            path: self.path.to_path_buf(),
+            smtp,
+            http,
+            storage,
+            upstream,
+            queue,
+            default_purpose,
+            purposes,
+        })
+    }
+
+    fn purposes(&self, raw: Vec<RawPurpose>) -> Result<Vec<Purpose>, ConfigError> {
+        if raw.is_empty() {
+            return Err(self.err("purpose", "at least one [[purpose]] is needed"));
+        }
+        let mut out: Vec<Purpose> = Vec::with_capacity(raw.len());
+        for (i, p) in raw.into_iter().enumerate() {
+            let key = format!("purpose[{i}].id");
+            if p.id.is_empty()
+                || p.id == "all"
+                || !p.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+            {
+                return Err(self.err(key, format!("'{}' must be lower-case letters, digits, '-' or '_' (and not \"all\")", p.id)));
+            }
+            if out.iter().any(|q| q.id == p.id) {
+                return Err(self.err(key, format!("purpose '{}' is defined twice", p.id)));
+            }
+            if p.expires_after_days.is_some() && p.basis != Basis::Consent {
+                return Err(self.err(format!("purpose[{i}].expires_after_days"), "only purposes with basis = \"consent\" expire"));
+            }
+            out.push(Purpose {
+                id: p.id,
+                name: p.name,
+                basis: p.basis,
+                expires_after_days: p.expires_after_days,
+                description: p.description,
+            });
+        }
+        Ok(out)
+    }
+
+    fn smtp(&self, raw: RawSmtp, known: &dyn Fn(&str) -> bool) -> Result<SmtpConfig, ConfigError> {
+        if raw.listen.is_empty() {
+            return Err(self.err("smtp.listen", "give at least one address:port"));
+        }
+        let listen = raw
+            .listen
+            .iter()
+            .map(|l| self.socket("smtp.listen", l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let trusted_networks = raw
+            .trusted_networks
+            .iter()
+            .map(|n| {
+                n.parse::<IpNet>()
+                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| self.err("smtp.trusted_networks", format!("'{n}' is not a network such as \"10.0.0.0/8\"")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for (key, v) in [
+            ("smtp.max_message_size", raw.max_message_size),
+            ("smtp.max_recipients", raw.max_recipients),
+            ("smtp.max_connections", raw.max_connections),
+            ("smtp.max_connections_per_ip", raw.max_connections_per_ip),
+        ] {
+            if v == 0 {
+                return Err(self.err(key, "must be greater than 0"));
+            }
+        }
+        if raw.max_line_length < 78 {
+            return Err(self.err("smtp.max_line_length", "must be at least 78"));
+        }
+        let mut accounts: Vec<Account> = Vec::new();
+        for (i, a) in raw.account.into_iter().enumerate() {
+            let key = |k: &str| format!("smtp.account[{i}].{k}");
+            if a.username.is_empty() || accounts.iter().any(|b| b.username == a.username) {
+                return Err(self.err(key("username"), "must be non-empty and unique"));
+            }
+            if argon2::PasswordHash::new(&a.password_hash).is_err() {
+                return Err(self.err(key("password_hash"), "is not a PHC hash string; make one with `optgate hash-password`"));
+            }
+            for p in a.purposes.iter().flatten().chain(a.default_purpose.iter()) {
+                if !known(p) {
+                    return Err(self.err(key("purposes"), format!("unknown purpose '{p}'")));
+                }
+            }
+            if let (Some(list), Some(d)) = (&a.purposes, &a.default_purpose)
+                && !list.contains(d)
+            {
+                return Err(self.err(key("default_purpose"), format!("'{d}' is not in this account's purposes")));
+            }
+            accounts.push(Account {
+                username: a.username,
+                password_hash: a.password_hash,
+                purposes: a.purposes,
+                default_purpose: a.default_purpose,
+            });
+        }
+        Ok(SmtpConfig {
+            listen,
+            hostname: raw.hostname.unwrap_or_else(|| "localhost".into()),
+            trusted_networks,
+            max_message_size: raw.max_message_size,
+            max_recipients: raw.max_recipients,
+            max_line_length: raw.max_line_length,
+            idle_timeout: self.duration("smtp.idle_timeout", &raw.idle_timeout)?,
+            max_connections: raw.max_connections,
+            max_connections_per_ip: raw.max_connections_per_ip,
+            tls: raw.tls.map(|t| TlsFiles {
+                cert: self.resolve(&t.cert),
+                key: self.resolve(&t.key),
+            }),
+            accounts,
+        })
+    }
+
+    fn upstream(&self, raw: RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        match raw.kind.as_str() {
+            "file" => Ok(UpstreamConfig::File {
+                path: self.resolve(&raw.path),
+            }),
+            "smtp" => {
+                let host = raw
+                    .host
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| self.err("upstream.host", "is required when kind = \"smtp\""))?;
+                let tls = raw.tls.unwrap_or(UpstreamTls::Starttls);
+                if raw.username.is_some() != raw.password.is_some() {
+                    return Err(self.err("upstream.password", "username and password go together"));
+                }
+                if raw.pool_size == 0 {
+                    return Err(self.err("upstream.pool_size", "must be greater than 0"));
+                }
+                Ok(UpstreamConfig::Smtp(SmtpUpstream {
+                    host,
+                    port: raw.port.unwrap_or(match tls {
+                        UpstreamTls::Tls => 465,
+                        _ => 25,
+                    }),
+                    tls,
+                    username: raw.username,
+                    password: raw.password,
+                    accept_invalid_certs: raw.accept_invalid_certs,
+                    pool_size: raw.pool_size,
+                    timeout: self.duration("upstream.timeout", &raw.timeout)?,
+                }))
+            }
+            other => Err(self.err("upstream.kind", format!("'{other}' is not \"file\" or \"smtp\""))),
+        }
+    }
+
+    fn queue(&self, raw: RawQueue) -> Result<QueueConfig, ConfigError> {
+        if raw.retry_schedule.is_empty() {
+            return Err(self.err("queue.retry_schedule", "give at least one delay"));
+        }
+        if raw.concurrency == 0 {
+            return Err(self.err("queue.concurrency", "must be greater than 0"));
+        }
+        Ok(QueueConfig {
+            retry_schedule: raw
+                .retry_schedule
+                .iter()
+                .map(|d| self.duration("queue.retry_schedule", d))
+                .collect::<Result<_, _>>()?,
+            max_age: self.duration("queue.max_age", &raw.max_age)?,
+            concurrency: raw.concurrency,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[[purpose]]\nid = \"news\"\nname = \"News\"\nbasis = \"consent\"\n";
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/optgate.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert!(c.storage.data_dir.ends_with("config/../data") || c.storage.data_dir.ends_with("data"));
+        assert!(c.purposes.iter().any(|p| p.basis == Basis::Transactional));
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_file_and_paths_are_relative_to_it() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/optgate/optgate.toml")).unwrap();
+        assert_eq!(c.default_purpose, "news");
+        assert_eq!(c.storage.data_dir, PathBuf::from("/etc/optgate/data"));
+        assert!(c.is_trusted("127.0.0.1".parse().unwrap()));
+        assert!(c.is_trusted("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.is_trusted("192.0.2.1".parse().unwrap()));
+        assert_eq!(c.queue.retry_schedule[0], Duration::from_secs(60));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = format!("[policy]\ndefault_purpose = \"nope\"\n{MINIMAL}");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("policy.default_purpose") && e.contains("nope"), "{e}");
+
+        let bad = format!("[queue]\nmax_age = \"soon\"\n{MINIMAL}");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("queue.max_age"), "{e}");
+
+        let bad = format!("[smtp]\nlisten = [\"nowhere\"]\n{MINIMAL}");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("smtp.listen"), "{e}");
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_give_the_line() {
+        let e = Config::parse("[smtp]\nlisten = [\n", Path::new("x.toml")).unwrap_err().to_string();
+        assert!(e.contains("x.toml") && e.contains("line"), "{e}");
+        let e = Config::parse(&format!("[smtp]\nlisen = []\n{MINIMAL}"), Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen") && e.contains("line 2"), "{e}");
+    }
+}

@@ -1,0 +1,38 @@
+//! The `optgate` binary: parse the command line, load the config, run the command,
+//! and turn any error into one line on stderr and a non-zero exit.
+
+use clap::Parser;
+use optgate::cli::{Cli, Command};
+use optgate::config::Config;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "optgate=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("optgate: {:#}", e);
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::HashPassword = cli.command {
+        // Needs no config: it is how one writes the config.
+        return optgate::cli::hash_password();
+    }
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Serve => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(optgate::serve::run(config)),
+        command => optgate::cli::run(&config, command),
+    }
+}

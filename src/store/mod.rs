@@ -1,0 +1,232 @@
+//! Everything optgate keeps, behind one trait: contacts, the append-only consent
+//! history and the state derived from it, suppressions, events, and the mail queue.
+//!
+//! Every SQL statement lives in a backend file (`sqlite.rs` today). The trait is
+//! synchronous: async callers run it on the blocking pool (`spawn_blocking`), so no
+//! database call ever stalls the runtime.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::address::Address;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+/// The purpose name that stands for "every purpose" in the consent history.
+pub const ALL_PURPOSES: &str = "all";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsentAction {
+    Grant,
+    Withdraw,
+}
+
+impl ConsentAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentAction::Grant => "grant",
+            ConsentAction::Withdraw => "withdraw",
+        }
+    }
+}
+
+/// A consent or withdrawal to append to the history.
+#[derive(Debug, Clone)]
+pub struct NewConsentEvent {
+    pub address: Address,
+    /// A purpose id, or [`ALL_PURPOSES`].
+    pub purpose: String,
+    pub action: ConsentAction,
+    /// Unix seconds when it happened (not when it was recorded, for imports).
+    pub at: i64,
+    /// How it reached us: "cli", "one-click", "page", "api", "import"…
+    pub source: String,
+    /// The proof: IP, user agent, wording version shown, anything else relevant.
+    pub evidence: serde_json::Value,
+}
+
+/// One entry of the append-only consent history.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsentEvent {
+    pub id: i64,
+    pub address: String,
+    pub purpose: String,
+    pub action: ConsentAction,
+    pub at: i64,
+    pub recorded_at: i64,
+    pub source: String,
+    pub evidence: serde_json::Value,
+}
+
+/// The newest history event for one (contact, purpose).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestEvent {
+    /// History ids grow with every append, so they order events even within a second.
+    pub id: i64,
+    pub action: ConsentAction,
+    pub at: i64,
+}
+
+/// What the policy needs to know about one recipient for one purpose.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsentFacts {
+    pub customer: bool,
+    /// The suppression-list reason, if the address is on it.
+    pub suppression: Option<String>,
+    pub purpose_event: Option<LatestEvent>,
+    /// The newest event for [`ALL_PURPOSES`].
+    pub all_event: Option<LatestEvent>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Suppression {
+    pub reason: String,
+    pub detail: String,
+    pub at: i64,
+}
+
+/// Everything held about one contact.
+#[derive(Debug, Clone, Serialize)]
+pub struct ContactRecord {
+    pub address: String,
+    pub customer: bool,
+    pub suppression: Option<Suppression>,
+    /// Oldest first.
+    pub history: Vec<ConsentEvent>,
+}
+
+/// An accepted message as the queue holds it. The body is the message as received
+/// (CRLF line endings, no dot-stuffing), before any per-recipient change.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    /// The queue id, as told to the mailer in the 250 reply.
+    pub id: String,
+    /// The envelope sender; empty for the null reverse-path `<>`.
+    pub sender: String,
+    pub purpose: String,
+    pub received_at: i64,
+    pub body: Arc<Vec<u8>>,
+}
+
+/// The policy's verdict on one recipient, as stored in the decision event.
+#[derive(Debug, Clone)]
+pub struct RecipientDecision {
+    pub address: Address,
+    pub allowed: bool,
+    pub reason: String,
+}
+
+/// A message to enqueue together with every recipient's decision.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub message: QueuedMessage,
+    pub recipients: Vec<RecipientDecision>,
+    /// Who submitted it (account and/or IP), for the decision events.
+    pub origin: String,
+}
+
+/// A recipient still to be delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDelivery {
+    pub message_id: String,
+    pub recipient: String,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug, Clone)]
+pub enum OutcomeKind {
+    Delivered { reply: String },
+    /// Transient failure; try again at `next_attempt_at`.
+    Deferred { next_attempt_at: i64, error: String },
+    /// Permanent failure or expiry; `suppress` puts the address on the suppression
+    /// list with reason "hard bounce" (the mailbox does not exist).
+    Failed { error: String, suppress: bool },
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryOutcome {
+    pub message_id: String,
+    pub recipient: String,
+    pub at: i64,
+    pub kind: OutcomeKind,
+}
+
+/// One line of `optgate queue list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueEntry {
+    pub message_id: String,
+    pub sender: String,
+    pub recipient: String,
+    pub purpose: String,
+    pub received_at: i64,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub last_error: Option<String>,
+}
+
+/// One entry of the event log: a decision, a delivery result.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: i64,
+    pub at: i64,
+    /// "decision", "delivered", "deferred", "bounced".
+    pub kind: String,
+    pub message_id: Option<String>,
+    pub address: String,
+    pub purpose: Option<String>,
+    pub detail: String,
+}
+
+pub trait Store: Send + Sync + 'static {
+    // ---- contacts and consent
+    /// Facts for each address, in order, about `purpose`.
+    fn consent_facts(&self, addresses: &[Address], purpose: &str) -> Result<Vec<ConsentFacts>, StoreError>;
+    /// Appends to the history (creating the contact if new); returns the event id.
+    fn append_consent(&self, event: &NewConsentEvent) -> Result<i64, StoreError>;
+    fn set_customer(&self, address: &Address, customer: bool) -> Result<(), StoreError>;
+    fn contact(&self, address: &Address) -> Result<Option<ContactRecord>, StoreError>;
+    fn suppress(&self, address: &Address, reason: &str, detail: &str, at: i64) -> Result<(), StoreError>;
+    /// Lifts a suppression; false if the address was not on the list.
+    fn unsuppress(&self, address: &Address) -> Result<bool, StoreError>;
+
+    // ---- the queue
+    /// Stores messages, their deliveries (allowed recipients) and every decision
+    /// event in one durable transaction. A message with no allowed recipient leaves
+    /// only its decision events.
+    fn enqueue(&self, batch: &[NewMessage]) -> Result<(), StoreError>;
+    /// Every delivery not yet delivered or failed, for resuming after a restart.
+    fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StoreError>;
+    /// The message's envelope and body, or None once it has been fully delivered.
+    fn message(&self, id: &str) -> Result<Option<QueuedMessage>, StoreError>;
+    /// Applies attempt results in one transaction: removes finished deliveries (and
+    /// messages with none left), reschedules deferred ones, logs events, adds
+    /// hard-bounce suppressions.
+    fn record_outcomes(&self, outcomes: &[DeliveryOutcome]) -> Result<(), StoreError>;
+    fn queue(&self) -> Result<Vec<QueueEntry>, StoreError>;
+
+    // ---- the event log
+    /// Events about `address`, oldest first.
+    fn events_for(&self, address: &Address) -> Result<Vec<Event>, StoreError>;
+}
