@@ -1,4 +1,25 @@
 //! Inbound SMTP: listeners, sessions, AUTH, relay access and limits.
+//!
+//! `server` binds the listeners, enforces the connection limits and drains on
+//! shutdown; `session` runs one connection's command loop and hands each step to
+//! `ehlo`, `auth`, `envelope` (MAIL, RCPT) and `data` (DATA, BDAT, end of data).
+//! The byte work on messages (`message`) and replies (`reply`) are plain functions;
+//! `wire` is the socket, the input cut into lines and the batched replies; `tls` makes
+//! the STARTTLS acceptor.
+
+mod auth;
+mod data;
+mod ehlo;
+mod envelope;
+mod message;
+mod reply;
+mod server;
+mod session;
+mod tls;
+mod wire;
+
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
 
@@ -18,6 +39,6 @@ pub struct Inbound {
 /// Binds every `smtp.listen` address, prints `smtp listening on ADDR` for each, and
 /// serves until `shutdown`; then stops accepting and returns once the transactions in
 /// flight are finished.
-pub async fn serve(_inbound: Arc<Inbound>, _shutdown: CancellationToken) -> anyhow::Result<()> {
-    todo!("inbound helper")
+pub async fn serve(inbound: Arc<Inbound>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    server::serve(inbound, shutdown).await
 }
