@@ -1,7 +1,24 @@
-//! Talking to the upstream: a pooled SMTP client (lettre) or a folder of .eml files,
-//! with every reply mapped to delivered, transient or permanent.
+//! Talking to the upstream: pooled SMTP connections (lettre) or a folder of .eml
+//! files, with every reply mapped to delivered, transient or permanent.
 
-use crate::config::UpstreamConfig;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lettre::address::Envelope;
+use lettre::transport::smtp;
+use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
+#[allow(deprecated)]
+use lettre::transport::smtp::client::AsyncNetworkStream;
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::response::Response;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+
+use crate::config::{SmtpUpstream, UpstreamConfig, UpstreamTls};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum RelayError {
@@ -10,19 +27,889 @@ pub enum RelayError {
     Transient(String),
     /// Will never succeed: 5xx replies. `enhanced` is the RFC 3463 status, if given.
     #[error("permanent failure: {message}")]
-    Permanent { enhanced: Option<[u16; 3]>, message: String },
+    Permanent {
+        enhanced: Option<[u16; 3]>,
+        message: String,
+    },
 }
 
-pub struct Relay {}
+/// The upstream, chosen once at start.
+pub struct Relay {
+    inner: Inner,
+}
+
+enum Inner {
+    File { dir: PathBuf },
+    Smtp(Box<SmtpPool>),
+}
 
 impl Relay {
-    pub fn new(_config: &UpstreamConfig, _hostname: &str) -> Result<Relay, RelayError> {
-        todo!("relay helper")
+    pub fn new(config: &UpstreamConfig, hostname: &str) -> Result<Relay, RelayError> {
+        let inner = match config {
+            UpstreamConfig::File { path } => {
+                std::fs::create_dir_all(path).map_err(|e| {
+                    RelayError::Transient(format!(
+                        "cannot create the upstream folder {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Inner::File { dir: path.clone() }
+            }
+            UpstreamConfig::Smtp(up) => Inner::Smtp(Box::new(SmtpPool::new(up, hostname)?)),
+        };
+        Ok(Relay { inner })
     }
 
     /// Sends one copy; `sender` empty means the null reverse-path. Returns the
     /// upstream's reply text on success.
-    pub async fn send(&self, _sender: &str, _recipient: &str, _message: &[u8]) -> Result<String, RelayError> {
-        todo!("relay helper")
+    pub async fn send(
+        &self,
+        sender: &str,
+        recipient: &str,
+        message: &[u8],
+    ) -> Result<String, RelayError> {
+        match &self.inner {
+            Inner::File { dir } => write_eml(dir, sender, recipient, message).await,
+            Inner::Smtp(pool) => pool.send(&envelope(sender, recipient)?, message).await,
+        }
+    }
+
+    /// Closes idle upstream connections politely (QUIT), at shutdown.
+    pub async fn shutdown(&self) {
+        if let Inner::Smtp(pool) = &self.inner {
+            pool.shutdown().await;
+        }
+    }
+}
+
+/// Idle connections older than this are closed rather than reused: servers drop
+/// idle clients after a few minutes (RFC 5321 §4.5.3.2.7 suggests 5).
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+/// Connections to the upstream, opened and reused by hand around lettre's
+/// `AsyncSmtpConnection`.
+///
+/// Not lettre's `AsyncSmtpTransport`: its `timeout` bounds only the TCP connect, so
+/// a server that accepts and then stalls holds an attempt (and its delivery slot)
+/// for ever; and cancelling its `send_raw` from outside would put a connection
+/// left mid-transaction back into its pool. Here every step runs under a deadline,
+/// and a connection that misses one is dropped (closed), never reused. The sockets
+/// are opened here too, to turn Nagle's algorithm off (see [`SmtpPool::tcp`]).
+struct SmtpPool {
+    host: String,
+    port: u16,
+    /// `host:port`, to say which upstream failed.
+    name: String,
+    hello: ClientId,
+    /// TLS from the first byte (`tls = "tls"`).
+    wrapper: Option<TlsParameters>,
+    /// STARTTLS, required (`tls = "starttls"`).
+    starttls: Option<TlsParameters>,
+    credentials: Option<Credentials>,
+    timeout: Duration,
+    /// Connections open at once, at most `pool_size`.
+    slots: Semaphore,
+    max_idle: usize,
+    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+}
+
+impl SmtpPool {
+    fn new(up: &SmtpUpstream, hostname: &str) -> Result<SmtpPool, RelayError> {
+        let tls_parameters = || {
+            // A certificate that "does not verify" includes one for another name:
+            // self-signed test relays rarely match the host they are reached by.
+            TlsParameters::builder(up.host.clone())
+                .dangerous_accept_invalid_certs(up.accept_invalid_certs)
+                .dangerous_accept_invalid_hostnames(up.accept_invalid_certs)
+                .build()
+                .map_err(|e| {
+                    RelayError::Transient(format!(
+                        "cannot set up TLS for upstream {}: {e}",
+                        up.host
+                    ))
+                })
+        };
+        let (wrapper, starttls) = match up.tls {
+            UpstreamTls::None => (None, None),
+            UpstreamTls::Starttls => (None, Some(tls_parameters()?)),
+            UpstreamTls::Tls => (Some(tls_parameters()?), None),
+        };
+        let pool_size = up.pool_size.max(1) as usize;
+        Ok(SmtpPool {
+            host: up.host.clone(),
+            port: up.port,
+            name: format!("{}:{}", up.host, up.port),
+            hello: ClientId::Domain(hostname.to_string()),
+            wrapper,
+            starttls,
+            credentials: match (&up.username, &up.password) {
+                (Some(u), Some(p)) => Some(Credentials::new(u.clone(), p.clone())),
+                _ => None,
+            },
+            timeout: up.timeout,
+            slots: Semaphore::new(pool_size),
+            max_idle: pool_size,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<String, RelayError> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| RelayError::Transient("the relay is shutting down".into()))?;
+        let mut conn = self.checkout().await?;
+        // lettre always ends DATA with CRLF.CRLF, so a message that already ends in
+        // CRLF would gain an empty line.
+        let data = message.strip_suffix(b"\r\n").unwrap_or(message);
+        let deadline = transaction_deadline(self.timeout, data.len());
+        match tokio::time::timeout(deadline, conn.send(envelope, data)).await {
+            Ok(Ok(response)) => {
+                self.checkin(conn);
+                Ok(reply_text(&response))
+            }
+            // lettre has already sent QUIT and closed it after a negative reply.
+            Ok(Err(e)) => Err(map_error(&e, &self.name)),
+            Err(_) => Err(RelayError::Transient(format!(
+                "upstream {}: no answer within {}s during the mail transaction",
+                self.name,
+                deadline.as_secs()
+            ))),
+        }
+    }
+
+    /// An idle connection that still answers NOOP, or a new one.
+    async fn checkout(&self) -> Result<AsyncSmtpConnection, RelayError> {
+        loop {
+            let parked = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let Some((mut conn, since)) = parked else {
+                break;
+            };
+            if since.elapsed() > MAX_IDLE {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+                continue;
+            }
+            if let Ok(true) = tokio::time::timeout(self.timeout, conn.test_connected()).await {
+                return Ok(conn);
+            }
+        }
+        // Connect, greeting, EHLO, STARTTLS, EHLO again, AUTH: each may take a while.
+        let setup = 2 * self.timeout;
+        match tokio::time::timeout(setup, self.connect()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            // Even a 5xx here (a refused greeting, bad AUTH credentials) is about
+            // this gateway, not the recipient: bouncing would wrongly fail every
+            // message until the operator fixes it.
+            Ok(Err(e)) => Err(RelayError::Transient(format!(
+                "upstream {}: {e}",
+                self.name
+            ))),
+            Err(_) => Err(RelayError::Transient(format!(
+                "upstream {}: no answer within {}s while connecting",
+                self.name,
+                setup.as_secs()
+            ))),
+        }
+    }
+
+    /// A new session, greeted, secured and authenticated as configured.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+        let tcp = self.tcp().await?;
+        let mut conn = match &self.wrapper {
+            None => AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
+                .await
+                .map_err(|e| describe(&e))?,
+            Some(tls) => {
+                #[allow(deprecated)]
+                let mut stream = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
+                stream
+                    .upgrade_tls(tls.clone())
+                    .await
+                    .map_err(|e| describe(&e))?;
+                AsyncSmtpConnection::connect_with_transport(
+                    Box::new(ImplicitTls(stream.compat())),
+                    &self.hello,
+                )
+                .await
+                .map_err(|e| describe(&e))?
+            }
+        };
+        if let Some(tls) = &self.starttls {
+            conn.starttls(tls.clone(), &self.hello)
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        if let Some(credentials) = &self.credentials {
+            conn.auth(DEFAULT_MECHANISMS, credentials)
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        Ok(conn)
+    }
+
+    /// The TCP connection, with Nagle's algorithm off. lettre writes a message and
+    /// its final `CRLF.CRLF` separately; with Nagle on, that small last write waits
+    /// for the ACK of the first, which the server delays (40 ms on Linux) while it
+    /// waits for the rest: one stall per message per connection.
+    async fn tcp(&self) -> Result<TcpStream, String> {
+        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", self.host))?;
+        let mut last = format!("{} resolves to no address", self.host);
+        for addr in addrs {
+            match tokio::time::timeout(self.timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => last = format!("cannot connect to {addr}: {e}"),
+                Err(_) => last = format!("cannot connect to {addr}: timed out"),
+            }
+        }
+        Err(last)
+    }
+
+    fn checkin(&self, conn: AsyncSmtpConnection) {
+        if conn.has_broken() {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < self.max_idle
+        {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    async fn shutdown(&self) {
+        self.slots.close();
+        let idle: Vec<_> = match self.idle.lock() {
+            Ok(mut idle) => idle.drain(..).collect(),
+            Err(_) => Vec::new(),
+        };
+        for (mut conn, _) in idle {
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+        }
+    }
+}
+
+/// A stream lettre has already wrapped in TLS, handed back to it as a plain
+/// transport so that the TCP socket under it could be set up here (see `tcp`).
+#[allow(deprecated)]
+#[derive(Debug)]
+struct ImplicitTls(Compat<AsyncNetworkStream>);
+
+#[allow(deprecated)]
+impl AsyncTokioStream for ImplicitTls {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.0.get_ref().peer_addr()
+    }
+}
+
+impl tokio::io::AsyncRead for ImplicitTls {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ImplicitTls {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// How long one mail transaction (MAIL, RCPT, DATA and the final reply) may take:
+/// the per-command `timeout` for the replies, plus time to move the message at a
+/// slow 64 KiB/s.
+fn transaction_deadline(timeout: Duration, size: usize) -> Duration {
+    timeout * 3 + Duration::from_secs((size / 65536) as u64)
+}
+
+/// An address lettre cannot carry can never be sent, whatever the upstream says.
+fn envelope(sender: &str, recipient: &str) -> Result<Envelope, RelayError> {
+    let to: lettre::Address = recipient.parse().map_err(|e| RelayError::Permanent {
+        enhanced: Some([5, 1, 3]),
+        message: format!("553 5.1.3 recipient <{recipient}> cannot be relayed: {e}"),
+    })?;
+    let from = if sender.is_empty() {
+        None
+    } else {
+        Some(
+            sender
+                .parse::<lettre::Address>()
+                .map_err(|e| RelayError::Permanent {
+                    enhanced: Some([5, 1, 7]),
+                    message: format!("553 5.1.7 sender <{sender}> cannot be relayed: {e}"),
+                })?,
+        )
+    };
+    Envelope::new(from, vec![to]).map_err(|e| RelayError::Permanent {
+        enhanced: None,
+        message: format!("554 envelope rejected: {e}"),
+    })
+}
+
+/// `250 2.0.0 Ok: queued as 4Xk…`, the lines joined by spaces.
+fn reply_text(response: &Response) -> String {
+    let mut text = response.code().to_string();
+    for line in response.message() {
+        text.push(' ');
+        text.push_str(line.trim());
+    }
+    text
+}
+
+/// Maps an error of the mail transaction (MAIL, RCPT, DATA): a negative reply by its
+/// code, anything else (connection lost, I/O) as transient.
+fn map_error(e: &smtp::Error, upstream: &str) -> RelayError {
+    match reply_of(e) {
+        Some(reply) => classify_reply(&reply),
+        None => RelayError::Transient(format!("upstream {upstream}: {}", describe(e))),
+    }
+}
+
+/// The upstream's reply behind an error, as `550 5.1.1 text`.
+fn reply_of(e: &smtp::Error) -> Option<String> {
+    let code = e.status()?;
+    // lettre keeps the reply's text (all lines joined) as the error's source.
+    Some(match std::error::Error::source(e) {
+        Some(s) => format!("{code} {s}"),
+        None => code.to_string(),
+    })
+}
+
+fn describe(e: &smtp::Error) -> String {
+    if let Some(reply) = reply_of(e) {
+        reply
+    } else if e.is_timeout() {
+        "timed out".to_string()
+    } else {
+        error_chain(e)
+    }
+}
+
+/// The error and its causes, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Maps a negative reply such as `550 5.1.1 <x@y>: no such user` to the error kind
+/// its first digit says; anything but a 5xx is worth another try.
+pub fn classify_reply(reply: &str) -> RelayError {
+    let reply = reply.trim().to_string();
+    if reply.starts_with('5') {
+        RelayError::Permanent {
+            enhanced: parse_enhanced_status(&reply),
+            message: reply,
+        }
+    } else {
+        RelayError::Transient(reply)
+    }
+}
+
+/// The RFC 3463 status at the start of a reply's text (`5.1.1` in
+/// `550 5.1.1 no such user` or `550-5.1.1 …`), if present and well formed.
+pub fn parse_enhanced_status(reply: &str) -> Option<[u16; 3]> {
+    let reply = reply.trim_start();
+    let bytes = reply.as_bytes();
+    let basic = bytes.len() >= 3
+        && bytes[..3].iter().all(u8::is_ascii_digit)
+        && matches!(bytes.get(3), None | Some(b' ' | b'-'));
+    let text = if basic {
+        reply.get(4..).unwrap_or("")
+    } else {
+        reply
+    };
+    let word = text.split_whitespace().next()?;
+    let mut parts = word.split('.');
+    let mut next = |max_len: usize| -> Option<u16> {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > max_len || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        p.parse().ok()
+    };
+    let status = [next(1)?, next(3)?, next(3)?];
+    if parts.next().is_some() || !matches!(status[0], 2 | 4 | 5) {
+        return None;
+    }
+    // The class must agree with the reply code when there is one (RFC 2034 §4).
+    if basic && u16::from(bytes[0] - b'0') != status[0] {
+        return None;
+    }
+    Some(status)
+}
+
+async fn write_eml(
+    dir: &Path,
+    sender: &str,
+    recipient: &str,
+    message: &[u8],
+) -> Result<String, RelayError> {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let name = format!("{millis}-{:016x}.eml", rand::random::<u64>());
+    let path = dir.join(&name);
+    let temp = dir.join(format!(".{name}.tmp"));
+    let bytes = message.to_vec();
+    let written = path.clone();
+    let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temp)?;
+        let done = file
+            .write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::rename(&temp, &written));
+        if done.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        done
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {
+            tracing::debug!(sender, recipient, path = %path.display(), "copy written");
+            Ok(format!("written to {}", path.display()))
+        }
+        Ok(Err(e)) => Err(RelayError::Transient(format!(
+            "cannot write {}: {e}",
+            path.display()
+        ))),
+        Err(e) => Err(RelayError::Transient(format!(
+            "writing {} failed: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// A scripted SMTP server for tests: it answers each RCPT by the recipient's local
+/// part (`bad…` 550 5.1.1, `full…` 552 5.2.2, `later…` 451 4.3.0, `quota…` 452 at the
+/// end of DATA, `stall…` never answers, anything else 250) and keeps what it received.
+#[cfg(test)]
+pub(crate) mod fake_upstream {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    #[derive(Debug, Clone, Default)]
+    pub struct Received {
+        pub sender: String,
+        pub recipients: Vec<String>,
+        pub data: Vec<u8>,
+    }
+
+    pub struct FakeUpstream {
+        pub port: u16,
+        pub received: Arc<Mutex<Vec<Received>>>,
+        pub connections: Arc<AtomicUsize>,
+    }
+
+    pub async fn start() -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let store = received.clone();
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let _ = session(socket, store).await;
+                });
+            }
+        });
+        FakeUpstream {
+            port,
+            received,
+            connections,
+        }
+    }
+
+    async fn session(
+        socket: tokio::net::TcpStream,
+        store: Arc<Mutex<Vec<Received>>>,
+    ) -> std::io::Result<()> {
+        let (read, mut write) = socket.into_split();
+        let mut read = BufReader::new(read);
+        write.write_all(b"220 fake ESMTP\r\n").await?;
+        let mut current = Received::default();
+        let mut data_reply = "250 2.0.0 Ok: queued as FAKE";
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if read.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let upper = line.to_ascii_uppercase();
+            let reply: String = if upper.starts_with("EHLO") {
+                "250-fake\r\n250-8BITMIME\r\n250 SIZE 100000000".into()
+            } else if upper.starts_with("MAIL FROM:") {
+                current = Received {
+                    sender: line[10..].trim().trim_matches(['<', '>']).to_string(),
+                    ..Received::default()
+                };
+                data_reply = "250 2.0.0 Ok: queued as FAKE";
+                "250 2.1.0 Ok".into()
+            } else if upper.starts_with("RCPT TO:") {
+                let rcpt = line[8..].trim().trim_matches(['<', '>']).to_string();
+                if rcpt.starts_with("stall") {
+                    // A server that stops answering, connection open.
+                    std::future::pending::<()>().await;
+                }
+                if rcpt.starts_with("bad") {
+                    format!("550 5.1.1 <{rcpt}>: Recipient address rejected: no such user")
+                } else if rcpt.starts_with("full") {
+                    "552 5.2.2 Mailbox full".into()
+                } else if rcpt.starts_with("later") {
+                    "451 4.3.0 Try again later".into()
+                } else {
+                    if rcpt.starts_with("quota") {
+                        data_reply = "452 4.2.2 Over quota, try later";
+                    }
+                    current.recipients.push(rcpt);
+                    "250 2.1.5 Ok".into()
+                }
+            } else if upper.starts_with("DATA") {
+                write
+                    .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    .await?;
+                let mut data = Vec::new();
+                loop {
+                    let mut l = Vec::new();
+                    if read.read_until(b'\n', &mut l).await? == 0 {
+                        return Ok(());
+                    }
+                    if l == b".\r\n" {
+                        break;
+                    }
+                    let l = if l.starts_with(b"..") {
+                        &l[1..]
+                    } else {
+                        &l[..]
+                    };
+                    data.extend_from_slice(l);
+                }
+                current.data = data;
+                if data_reply.starts_with('2') {
+                    store.lock().unwrap().push(std::mem::take(&mut current));
+                }
+                data_reply.into()
+            } else if upper.starts_with("QUIT") {
+                write.write_all(b"221 2.0.0 Bye\r\n").await?;
+                return Ok(());
+            } else {
+                "250 2.0.0 Ok".into()
+            };
+            write.write_all(reply.as_bytes()).await?;
+            write.write_all(b"\r\n").await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn replies_are_classified_by_their_first_digit() {
+        assert_eq!(
+            classify_reply("550 5.1.1 <x@y>: no such user"),
+            RelayError::Permanent {
+                enhanced: Some([5, 1, 1]),
+                message: "550 5.1.1 <x@y>: no such user".into()
+            }
+        );
+        assert_eq!(
+            classify_reply("552 5.2.2 Mailbox full"),
+            RelayError::Permanent {
+                enhanced: Some([5, 2, 2]),
+                message: "552 5.2.2 Mailbox full".into()
+            }
+        );
+        assert_eq!(
+            classify_reply("451 4.3.0 Try again later"),
+            RelayError::Transient("451 4.3.0 Try again later".into())
+        );
+        assert_eq!(
+            classify_reply("554 Transaction failed"),
+            RelayError::Permanent {
+                enhanced: None,
+                message: "554 Transaction failed".into()
+            }
+        );
+    }
+
+    #[test]
+    fn enhanced_status_codes_are_parsed_strictly() {
+        assert_eq!(
+            parse_enhanced_status("550 5.1.10 null MX"),
+            Some([5, 1, 10])
+        );
+        assert_eq!(
+            parse_enhanced_status("550-5.7.25 multi-line"),
+            Some([5, 7, 25])
+        );
+        assert_eq!(parse_enhanced_status("5.1.2 bad domain"), Some([5, 1, 2]));
+        assert_eq!(parse_enhanced_status("550"), None);
+        assert_eq!(parse_enhanced_status("550 no such user"), None);
+        assert_eq!(parse_enhanced_status("550 5.1 short"), None);
+        assert_eq!(parse_enhanced_status("550 5.1.1.1 long"), None);
+        assert_eq!(parse_enhanced_status("550 3.1.1 bad class"), None);
+        assert_eq!(parse_enhanced_status("550 5.1000.1 too long"), None);
+        // A 4.x.x status in a 5xx reply contradicts itself: ignore it.
+        assert_eq!(parse_enhanced_status("550 4.2.2 odd"), None);
+    }
+
+    fn smtp_config(port: u16) -> UpstreamConfig {
+        smtp_config_with_timeout(port, Duration::from_secs(5))
+    }
+
+    fn smtp_config_with_timeout(port: u16, timeout: Duration) -> UpstreamConfig {
+        UpstreamConfig::Smtp(SmtpUpstream {
+            host: "127.0.0.1".into(),
+            port,
+            tls: UpstreamTls::None,
+            username: None,
+            password: None,
+            accept_invalid_certs: false,
+            pool_size: 2,
+            timeout,
+        })
+    }
+
+    const MSG: &[u8] =
+        b"From: a@example.com\r\nTo: b@example.com\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n";
+
+    #[tokio::test]
+    async fn smtp_replies_map_to_outcomes() {
+        let up = fake_upstream::start().await;
+        let relay = Relay::new(&smtp_config(up.port), "gw.example.com").unwrap();
+
+        let ok = relay.send("a@example.com", "b@example.com", MSG).await;
+        assert_eq!(ok, Ok("250 2.0.0 Ok: queued as FAKE".to_string()));
+        let again = relay.send("a@example.com", "b2@example.com", MSG).await;
+        assert!(again.is_ok(), "{again:?}");
+        assert_eq!(
+            up.connections.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "reused"
+        );
+        {
+            let got = up.received.lock().unwrap();
+            assert_eq!(got[0].sender, "a@example.com");
+            assert_eq!(got[0].recipients, vec!["b@example.com".to_string()]);
+            assert_eq!(got[0].data, MSG);
+        }
+
+        let bad = relay.send("a@example.com", "bad@example.com", MSG).await;
+        assert_eq!(
+            bad,
+            Err(RelayError::Permanent {
+                enhanced: Some([5, 1, 1]),
+                message: "550 5.1.1 <bad@example.com>: Recipient address rejected: no such user"
+                    .into()
+            })
+        );
+        let later = relay.send("", "later@example.com", MSG).await;
+        assert_eq!(
+            later,
+            Err(RelayError::Transient("451 4.3.0 Try again later".into()))
+        );
+        let quota = relay.send("", "quota@example.com", MSG).await;
+        assert_eq!(
+            quota,
+            Err(RelayError::Transient(
+                "452 4.2.2 Over quota, try later".into()
+            ))
+        );
+        // The pool still works after failures.
+        let ok = relay.send("", "c@example.com", MSG).await;
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(up.received.lock().unwrap().last().unwrap().sender, "");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_upstream_times_out_and_its_connection_is_not_reused() {
+        let up = fake_upstream::start().await;
+        let relay = Relay::new(
+            &smtp_config_with_timeout(up.port, Duration::from_millis(300)),
+            "gw",
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        match relay.send("a@example.com", "stall@example.com", MSG).await {
+            Err(RelayError::Transient(text)) => {
+                assert!(text.contains("no answer within"), "{text}")
+            }
+            other => panic!("expected transient, got {other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let ok = relay.send("a@example.com", "b@example.com", MSG).await;
+        assert!(ok.is_ok(), "{ok:?}");
+
+        // A server that accepts and never greets.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let relay = Relay::new(
+            &smtp_config_with_timeout(port, Duration::from_millis(300)),
+            "gw",
+        )
+        .unwrap();
+        match relay.send("a@example.com", "b@example.com", MSG).await {
+            Err(RelayError::Transient(text)) => {
+                assert!(text.contains("while connecting"), "{text}")
+            }
+            other => panic!("expected transient, got {other:?}"),
+        }
+    }
+
+    /// A server that greets with `greeting`, then answers EHLO with `ehlo` and every
+    /// other command with `other`.
+    async fn scripted(greeting: &'static str, ehlo: &'static str, other: &'static str) -> u16 {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (read, mut write) = socket.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let _ = write.write_all(greeting.as_bytes()).await;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply = if line.to_ascii_uppercase().starts_with("EHLO") {
+                            ehlo
+                        } else {
+                            other
+                        };
+                        if write.write_all(reply.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_refused_session_is_transient_even_with_a_5xx() {
+        let port = scripted("554 5.7.1 No service for you\r\n", "", "").await;
+        let relay = Relay::new(&smtp_config(port), "gw").unwrap();
+        match relay.send("a@example.com", "b@example.com", MSG).await {
+            Err(RelayError::Transient(text)) => {
+                assert!(text.starts_with("upstream 127.0.0.1:"), "{text}");
+                assert!(text.contains("554 5.7.1 No service for you"), "{text}");
+            }
+            other => panic!("expected transient, got {other:?}"),
+        }
+
+        let port = scripted(
+            "220 hi\r\n",
+            "250-hi\r\n250 AUTH PLAIN LOGIN\r\n",
+            "535 5.7.8 Authentication credentials invalid\r\n",
+        )
+        .await;
+        let UpstreamConfig::Smtp(mut up) = smtp_config(port) else {
+            unreachable!()
+        };
+        up.username = Some("u".into());
+        up.password = Some("p".into());
+        let relay = Relay::new(&UpstreamConfig::Smtp(up), "gw").unwrap();
+        match relay.send("a@example.com", "b@example.com", MSG).await {
+            Err(RelayError::Transient(text)) => {
+                assert!(text.contains("535 5.7.8"), "{text}");
+            }
+            other => panic!("expected transient, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_upstream_is_transient_and_bad_addresses_permanent() {
+        // A port nothing listens on: bind, learn the port, close.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let relay = Relay::new(&smtp_config(port), "gw.example.com").unwrap();
+        match relay.send("a@example.com", "b@example.com", MSG).await {
+            Err(RelayError::Transient(text)) => {
+                assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}")
+            }
+            other => panic!("expected transient, got {other:?}"),
+        }
+        match relay.send("a@example.com", "not an address", MSG).await {
+            Err(RelayError::Permanent {
+                enhanced: Some([5, 1, 3]),
+                ..
+            }) => {}
+            other => panic!("expected permanent, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn file_upstream_writes_the_exact_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("out/box");
+        let relay = Relay::new(
+            &UpstreamConfig::File {
+                path: outbox.clone(),
+            },
+            "gw",
+        )
+        .unwrap();
+        let reply = relay.send("", "b@example.com", MSG).await.unwrap();
+        let files: Vec<_> = std::fs::read_dir(&outbox)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "no temp file left behind: {files:?}");
+        assert_eq!(reply, format!("written to {}", files[0].display()));
+        assert!(files[0].extension().is_some_and(|e| e == "eml"));
+        assert_eq!(std::fs::read(&files[0]).unwrap(), MSG);
     }
 }
