@@ -44,7 +44,11 @@ impl Address {
             // An address literal such as [127.0.0.1]: keep it, it has no IDNA form.
             literal
                 .strip_suffix(']')
-                .filter(|ip| ip.trim_start_matches("IPv6:").parse::<std::net::IpAddr>().is_ok())
+                .filter(|ip| {
+                    ip.trim_start_matches("IPv6:")
+                        .parse::<std::net::IpAddr>()
+                        .is_ok()
+                })
                 .ok_or_else(bad_domain)?;
             domain.to_ascii_lowercase()
         } else {
@@ -54,7 +58,9 @@ impl Address {
                 || ascii.split('.').any(|label| {
                     label.is_empty()
                         || label.len() > 63
-                        || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        || !label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 })
             {
                 return Err(bad_domain());
@@ -94,11 +100,26 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_an_address() {
-        assert!(matches!(Address::parse("nobody"), Err(AddressError::NoAt(_))));
-        assert!(matches!(Address::parse("@example.com"), Err(AddressError::BadLocal(_))));
-        assert!(matches!(Address::parse("a b@example.com"), Err(AddressError::BadLocal(_))));
-        assert!(matches!(Address::parse("a@exa_mple.com"), Err(AddressError::BadDomain(_))));
-        assert!(matches!(Address::parse("a@.com"), Err(AddressError::BadDomain(_))));
+        assert!(matches!(
+            Address::parse("nobody"),
+            Err(AddressError::NoAt(_))
+        ));
+        assert!(matches!(
+            Address::parse("@example.com"),
+            Err(AddressError::BadLocal(_))
+        ));
+        assert!(matches!(
+            Address::parse("a b@example.com"),
+            Err(AddressError::BadLocal(_))
+        ));
+        assert!(matches!(
+            Address::parse("a@exa_mple.com"),
+            Err(AddressError::BadDomain(_))
+        ));
+        assert!(matches!(
+            Address::parse("a@.com"),
+            Err(AddressError::BadDomain(_))
+        ));
         assert!(Address::parse("postmaster@[127.0.0.1]").is_ok());
     }
 }

@@ -15,7 +15,11 @@ use crate::policy::{Decision, decide};
 use crate::store::{ALL_PURPOSES, ConsentAction, NewConsentEvent, SqliteStore, Store};
 
 #[derive(Parser)]
-#[command(name = "optgate", version, about = "A consent-enforcing SMTP gateway for marketing mail")]
+#[command(
+    name = "optgate",
+    version,
+    about = "A consent-enforcing SMTP gateway for marketing mail"
+)]
 pub struct Cli {
     /// The configuration file.
     #[arg(long, global = true, default_value = "config/optgate.toml")]
@@ -107,7 +111,8 @@ pub fn run(config: &Config, command: Command) -> anyhow::Result<()> {
                 config.purposes.len(),
                 config.smtp.accounts.len(),
                 match &config.upstream {
-                    crate::config::UpstreamConfig::File { path } => format!("file {}", path.display()),
+                    crate::config::UpstreamConfig::File { path } =>
+                        format!("file {}", path.display()),
                     crate::config::UpstreamConfig::Smtp(s) => format!("smtp {}:{}", s.host, s.port),
                 }
             );
@@ -121,15 +126,25 @@ pub fn run(config: &Config, command: Command) -> anyhow::Result<()> {
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    std::fs::create_dir_all(&config.storage.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.storage.data_dir.display()))?;
-    Ok(Arc::new(SqliteStore::open(&config.storage.database(), config.storage.fsync)?))
+    std::fs::create_dir_all(&config.storage.data_dir).with_context(|| {
+        format!(
+            "cannot create data_dir {}",
+            config.storage.data_dir.display()
+        )
+    })?;
+    Ok(Arc::new(SqliteStore::open(
+        &config.storage.database(),
+        config.storage.fsync,
+    )?))
 }
 
 fn known_purpose(config: &Config, purpose: &str) -> anyhow::Result<()> {
     if config.purpose(purpose).is_none() {
         let ids: Vec<&str> = config.purposes.iter().map(|p| p.id.as_str()).collect();
-        bail!("unknown purpose '{purpose}' (configured: {})", ids.join(", "));
+        bail!(
+            "unknown purpose '{purpose}' (configured: {})",
+            ids.join(", ")
+        );
     }
     Ok(())
 }
@@ -141,7 +156,11 @@ impl Proof {
             Some(text) => serde_json::from_str::<serde_json::Value>(text)
                 .ok()
                 .filter(|v| v.is_object())
-                .ok_or_else(|| anyhow::anyhow!("--evidence must be a JSON object, e.g. '{{\"ip\":\"192.0.2.1\"}}'"))?,
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--evidence must be a JSON object, e.g. '{{\"ip\":\"192.0.2.1\"}}'"
+                    )
+                })?,
         };
         if let Some(user) = std::env::var("USER").ok().filter(|u| !u.is_empty()) {
             evidence["recorded_by"] = serde_json::Value::String(user);
@@ -152,7 +171,11 @@ impl Proof {
 
 fn consent(config: &Config, command: ConsentCommand) -> anyhow::Result<()> {
     match command {
-        ConsentCommand::Grant { email, purpose, proof } => {
+        ConsentCommand::Grant {
+            email,
+            purpose,
+            proof,
+        } => {
             let address = Address::parse(&email)?;
             known_purpose(config, &purpose)?;
             let event = NewConsentEvent {
@@ -164,10 +187,18 @@ fn consent(config: &Config, command: ConsentCommand) -> anyhow::Result<()> {
                 evidence: proof.evidence()?,
             };
             let id = open_store(config)?.append_consent(&event)?;
-            println!("granted: {} for {} (event {id})", event.address, event.purpose);
+            println!(
+                "granted: {} for {} (event {id})",
+                event.address, event.purpose
+            );
             Ok(())
         }
-        ConsentCommand::Withdraw { email, purpose, all, proof } => {
+        ConsentCommand::Withdraw {
+            email,
+            purpose,
+            all,
+            proof,
+        } => {
             let address = Address::parse(&email)?;
             let purpose = match (purpose, all) {
                 (_, true) => ALL_PURPOSES.to_string(),
@@ -186,7 +217,10 @@ fn consent(config: &Config, command: ConsentCommand) -> anyhow::Result<()> {
                 evidence: proof.evidence()?,
             };
             let id = open_store(config)?.append_consent(&event)?;
-            println!("withdrawn: {} from {} (event {id})", event.address, event.purpose);
+            println!(
+                "withdrawn: {} from {} (event {id})",
+                event.address, event.purpose
+            );
             Ok(())
         }
         ConsentCommand::Show { email } => show(config, &Address::parse(&email)?),
@@ -200,21 +234,38 @@ fn show(config: &Config, address: &Address) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match &record {
         None => writeln!(out, "{address}: unknown contact (no consent recorded)")?,
-        Some(r) => writeln!(out, "{address}: customer: {}", if r.customer { "yes" } else { "no" })?,
+        Some(r) => writeln!(
+            out,
+            "{address}: customer: {}",
+            if r.customer { "yes" } else { "no" }
+        )?,
     }
     if let Some(s) = record.as_ref().and_then(|r| r.suppression.as_ref()) {
-        writeln!(out, "suppressed since {}: {} ({})", clock::rfc3339(s.at), s.reason, s.detail)?;
+        writeln!(
+            out,
+            "suppressed since {}: {} ({})",
+            clock::rfc3339(s.at),
+            s.reason,
+            s.detail
+        )?;
     }
     writeln!(out, "\n{:<24} {:<20} may be mailed", "purpose", "basis")?;
     for purpose in &config.purposes {
         let facts = store.consent_facts(std::slice::from_ref(address), &purpose.id)?;
         let verdict = match facts.first().map(|f| decide(purpose, f, now)) {
-            Some(Decision::Allow { record: Some(id), .. }) => format!("yes (consent event {id})"),
+            Some(Decision::Allow {
+                record: Some(id), ..
+            }) => format!("yes (consent event {id})"),
             Some(Decision::Allow { .. }) => "yes".to_string(),
             Some(Decision::Suppress(reason)) => format!("no: {}", reason.as_str()),
             None => "unknown".to_string(),
         };
-        writeln!(out, "{:<24} {:<20} {verdict}", purpose.id, purpose.basis.as_str())?;
+        writeln!(
+            out,
+            "{:<24} {:<20} {verdict}",
+            purpose.id,
+            purpose.basis.as_str()
+        )?;
     }
     let history = record.map(|r| r.history).unwrap_or_default();
     writeln!(out, "\nhistory ({} events):", history.len())?;
@@ -238,7 +289,10 @@ fn contact(config: &Config, command: ContactCommand) -> anyhow::Result<()> {
         ContactCommand::Set { email, customer } => {
             let address = Address::parse(&email)?;
             open_store(config)?.set_customer(&address, customer)?;
-            println!("{address}: customer: {}", if customer { "yes" } else { "no" });
+            println!(
+                "{address}: customer: {}",
+                if customer { "yes" } else { "no" }
+            );
         }
         ContactCommand::Unsuppress { email } => {
             let address = Address::parse(&email)?;

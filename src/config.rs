@@ -97,7 +97,9 @@ impl StorageConfig {
 #[derive(Debug, Clone)]
 pub enum UpstreamConfig {
     /// Write every outgoing copy as an .eml file into a folder.
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+    },
     Smtp(SmtpUpstream),
 }
 
@@ -374,14 +376,23 @@ impl Validator<'_> {
     }
 
     fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
-        humantime::parse_duration(value)
-            .map_err(|e| self.err(key, format!("'{value}' is not a duration ({e}); write e.g. \"90s\", \"5m\", \"4h\", \"5d\"")))
+        humantime::parse_duration(value).map_err(|e| {
+            self.err(
+                key,
+                format!(
+                    "'{value}' is not a duration ({e}); write e.g. \"90s\", \"5m\", \"4h\", \"5d\""
+                ),
+            )
+        })
     }
 
     fn socket(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-        value
-            .parse()
-            .map_err(|_| self.err(key, format!("'{value}' is not an address:port such as \"127.0.0.1:2525\"")))
+        value.parse().map_err(|_| {
+            self.err(
+                key,
+                format!("'{value}' is not an address:port such as \"127.0.0.1:2525\""),
+            )
+        })
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -389,7 +400,9 @@ impl Validator<'_> {
         let known = |id: &str| purposes.iter().any(|p| p.id == id);
         let default_purpose = match raw.policy.default_purpose {
             Some(id) if known(&id) => id,
-            Some(id) => return Err(self.err("policy.default_purpose", format!("unknown purpose '{id}'"))),
+            Some(id) => {
+                return Err(self.err("policy.default_purpose", format!("unknown purpose '{id}'")));
+            }
             None => purposes[0].id.clone(),
         };
         let smtp = self.smtp(raw.smtp, &known)?;
@@ -428,15 +441,27 @@ impl Validator<'_> {
             let key = format!("purpose[{i}].id");
             if p.id.is_empty()
                 || p.id == "all"
-                || !p.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+                || !p
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
             {
-                return Err(self.err(key, format!("'{}' must be lower-case letters, digits, '-' or '_' (and not \"all\")", p.id)));
+                return Err(self.err(
+                    key,
+                    format!(
+                        "'{}' must be lower-case letters, digits, '-' or '_' (and not \"all\")",
+                        p.id
+                    ),
+                ));
             }
             if out.iter().any(|q| q.id == p.id) {
                 return Err(self.err(key, format!("purpose '{}' is defined twice", p.id)));
             }
             if p.expires_after_days.is_some() && p.basis != Basis::Consent {
-                return Err(self.err(format!("purpose[{i}].expires_after_days"), "only purposes with basis = \"consent\" expire"));
+                return Err(self.err(
+                    format!("purpose[{i}].expires_after_days"),
+                    "only purposes with basis = \"consent\" expire",
+                ));
             }
             out.push(Purpose {
                 id: p.id,
@@ -464,7 +489,12 @@ impl Validator<'_> {
             .map(|n| {
                 n.parse::<IpNet>()
                     .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| self.err("smtp.trusted_networks", format!("'{n}' is not a network such as \"10.0.0.0/8\"")))
+                    .map_err(|_| {
+                        self.err(
+                            "smtp.trusted_networks",
+                            format!("'{n}' is not a network such as \"10.0.0.0/8\""),
+                        )
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         for (key, v) in [
@@ -487,7 +517,10 @@ impl Validator<'_> {
                 return Err(self.err(key("username"), "must be non-empty and unique"));
             }
             if argon2::PasswordHash::new(&a.password_hash).is_err() {
-                return Err(self.err(key("password_hash"), "is not a PHC hash string; make one with `optgate hash-password`"));
+                return Err(self.err(
+                    key("password_hash"),
+                    "is not a PHC hash string; make one with `optgate hash-password`",
+                ));
             }
             for p in a.purposes.iter().flatten().chain(a.default_purpose.iter()) {
                 if !known(p) {
@@ -497,7 +530,10 @@ impl Validator<'_> {
             if let (Some(list), Some(d)) = (&a.purposes, &a.default_purpose)
                 && !list.contains(d)
             {
-                return Err(self.err(key("default_purpose"), format!("'{d}' is not in this account's purposes")));
+                return Err(self.err(
+                    key("default_purpose"),
+                    format!("'{d}' is not in this account's purposes"),
+                ));
             }
             accounts.push(Account {
                 username: a.username,
@@ -555,7 +591,10 @@ impl Validator<'_> {
                     timeout: self.duration("upstream.timeout", &raw.timeout)?,
                 }))
             }
-            other => Err(self.err("upstream.kind", format!("'{other}' is not \"file\" or \"smtp\""))),
+            other => Err(self.err(
+                "upstream.kind",
+                format!("'{other}' is not \"file\" or \"smtp\""),
+            )),
         }
     }
 
@@ -589,7 +628,9 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/optgate.toml");
         let c = Config::load(&path).unwrap();
         assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
-        assert!(c.storage.data_dir.ends_with("config/../data") || c.storage.data_dir.ends_with("data"));
+        assert!(
+            c.storage.data_dir.ends_with("config/../data") || c.storage.data_dir.ends_with("data")
+        );
         assert!(c.purposes.iter().any(|p| p.basis == Basis::Transactional));
     }
 
@@ -607,25 +648,39 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let bad = format!("[policy]\ndefault_purpose = \"nope\"\n{MINIMAL}");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
-        assert!(e.contains("policy.default_purpose") && e.contains("nope"), "{e}");
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("policy.default_purpose") && e.contains("nope"),
+            "{e}"
+        );
 
         let bad = format!("[queue]\nmax_age = \"soon\"\n{MINIMAL}");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("queue.max_age"), "{e}");
 
         let bad = format!("[smtp]\nlisten = [\"nowhere\"]\n{MINIMAL}");
-        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err().to_string();
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("smtp.listen"), "{e}");
     }
 
     #[test]
     fn syntax_errors_and_unknown_keys_give_the_line() {
-        let e = Config::parse("[smtp]\nlisten = [\n", Path::new("x.toml")).unwrap_err().to_string();
-        assert!(e.contains("x.toml") && e.contains("line"), "{e}");
-        let e = Config::parse(&format!("[smtp]\nlisen = []\n{MINIMAL}"), Path::new("x.toml"))
+        let e = Config::parse("[smtp]\nlisten = [\n", Path::new("x.toml"))
             .unwrap_err()
             .to_string();
+        assert!(e.contains("x.toml") && e.contains("line"), "{e}");
+        let e = Config::parse(
+            &format!("[smtp]\nlisen = []\n{MINIMAL}"),
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("lisen") && e.contains("line 2"), "{e}");
     }
 }

@@ -10,8 +10,10 @@
 
 pub mod address;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod inbound;
 pub mod policy;
 pub mod relay;
@@ -19,4 +21,4 @@ pub mod rewrite;
 pub mod serve;
 pub mod spool;
 pub mod store;
-pub mod clock;
+pub mod token;

@@ -1,6 +1,8 @@
 //! The `optgate` binary: parse the command line, load the config, run the command,
 //! and turn any error into one line on stderr and a non-zero exit.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use optgate::cli::{Cli, Command};
 use optgate::config::Config;
@@ -9,9 +11,11 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "optgate=info,warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "optgate=info,warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

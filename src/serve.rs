@@ -15,9 +15,16 @@ use crate::store::{SqliteStore, Store};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.storage.data_dir)
-        .with_context(|| format!("cannot create data_dir {}", config.storage.data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database(), config.storage.fsync)?);
+    std::fs::create_dir_all(&config.storage.data_dir).with_context(|| {
+        format!(
+            "cannot create data_dir {}",
+            config.storage.data_dir.display()
+        )
+    })?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
+        &config.storage.database(),
+        config.storage.fsync,
+    )?);
     let relay = Relay::new(&config.upstream, &config.smtp.hostname)?;
 
     let (spool, ready, spool_writer) = Spool::start(store.clone());
@@ -60,7 +67,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

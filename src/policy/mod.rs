@@ -34,9 +34,10 @@ impl Policy {
         let store = self.store.clone();
         let recipients = recipients.to_vec();
         let purpose_id = purpose.id.clone();
-        let facts = tokio::task::spawn_blocking(move || store.consent_facts(&recipients, &purpose_id))
-            .await
-            .map_err(|e| StoreError::Internal(e.to_string()))??;
+        let facts =
+            tokio::task::spawn_blocking(move || store.consent_facts(&recipients, &purpose_id))
+                .await
+                .map_err(|e| StoreError::Internal(e.to_string()))??;
         Ok(facts.iter().map(|f| decide(purpose, f, now)).collect())
     }
 }

@@ -56,7 +56,10 @@ pub enum PurposeError {
 }
 
 /// Names the message's purpose, or says why it may not be sent at all.
-pub fn resolve_purpose<'c>(config: &'c Config, req: &PurposeRequest<'_>) -> Result<&'c Purpose, PurposeError> {
+pub fn resolve_purpose<'c>(
+    config: &'c Config,
+    req: &PurposeRequest<'_>,
+) -> Result<&'c Purpose, PurposeError> {
     let id = req
         .header
         .map(str::trim)
@@ -114,7 +117,9 @@ basis = "transactional"
     fn header_then_account_then_config_default() {
         let c = config();
         let crm = &c.smtp.accounts[0];
-        let r = |header, account| resolve_purpose(&c, &PurposeRequest { header, account }).map(|p| p.id.clone());
+        let r = |header, account| {
+            resolve_purpose(&c, &PurposeRequest { header, account }).map(|p| p.id.clone())
+        };
         assert_eq!(r(Some("offers"), Some(crm)), Ok("offers".into()));
         assert_eq!(r(None, Some(crm)), Ok("orders".into()));
         assert_eq!(r(None, None), Ok("news".into()));
@@ -125,9 +130,26 @@ basis = "transactional"
     fn unknown_and_forbidden_purposes_are_named() {
         let c = config();
         let crm = &c.smtp.accounts[0];
-        let e = resolve_purpose(&c, &PurposeRequest { header: Some("news"), account: Some(crm) }).unwrap_err();
-        assert_eq!(e.to_string(), "account 'crm' may not send for purpose 'news'");
-        let e = resolve_purpose(&c, &PurposeRequest { header: Some("spam"), account: None }).unwrap_err();
+        let e = resolve_purpose(
+            &c,
+            &PurposeRequest {
+                header: Some("news"),
+                account: Some(crm),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "account 'crm' may not send for purpose 'news'"
+        );
+        let e = resolve_purpose(
+            &c,
+            &PurposeRequest {
+                header: Some("spam"),
+                account: None,
+            },
+        )
+        .unwrap_err();
         assert_eq!(e, PurposeError::Unknown("spam".into()));
     }
 }

@@ -18,7 +18,8 @@ pub fn strip_control_headers(message: &[u8]) -> Vec<u8> {
     for line in message[..header_end].split_inclusive(|&b| b == b'\n') {
         let continuation = matches!(line.first(), Some(b' ' | b'\t'));
         if !continuation {
-            skipping = line.len() >= CONTROL_PREFIX.len() && line[..CONTROL_PREFIX.len()].eq_ignore_ascii_case(CONTROL_PREFIX);
+            skipping = line.len() >= CONTROL_PREFIX.len()
+                && line[..CONTROL_PREFIX.len()].eq_ignore_ascii_case(CONTROL_PREFIX);
         }
         if !skipping {
             out.extend_from_slice(line);
@@ -53,7 +54,9 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
             (Some(_), false) => break,
             (None, false) => {
                 if let Some(colon) = line.iter().position(|&b| b == b':')
-                    && line[..colon].trim_ascii().eq_ignore_ascii_case(name.as_bytes())
+                    && line[..colon]
+                        .trim_ascii()
+                        .eq_ignore_ascii_case(name.as_bytes())
                 {
                     found = Some(line[colon + 1..].to_vec());
                 }
@@ -88,9 +91,15 @@ mod tests {
 
     #[test]
     fn header_values_are_unfolded() {
-        assert_eq!(header_value(MSG, "x-optgate-purpose").as_deref(), Some("news letter"));
+        assert_eq!(
+            header_value(MSG, "x-optgate-purpose").as_deref(),
+            Some("news letter")
+        );
         assert_eq!(header_value(MSG, "Subject").as_deref(), Some("Hi there"));
         assert_eq!(header_value(MSG, "To"), None);
-        assert_eq!(header_value(b"Subject: no body", "subject").as_deref(), Some("no body"));
+        assert_eq!(
+            header_value(b"Subject: no body", "subject").as_deref(),
+            Some("no body")
+        );
     }
 }

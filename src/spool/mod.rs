@@ -63,14 +63,22 @@ impl Spool {
     }
 }
 
-async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, ready: mpsc::UnboundedSender<Ready>) {
+async fn write_loop(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<Job>,
+    ready: mpsc::UnboundedSender<Ready>,
+) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        let (messages, waiters): (Vec<NewMessage>, Vec<_>) = jobs.drain(..).map(|j| (j.message, j.done)).unzip();
+        let (messages, waiters): (Vec<NewMessage>, Vec<_>) =
+            jobs.drain(..).map(|j| (j.message, j.done)).unzip();
         let store = store.clone();
-        let committed = tokio::task::spawn_blocking(move || store.enqueue(&messages).map(|()| messages))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Internal(format!("spool writer panicked: {e}"))));
+        let committed =
+            tokio::task::spawn_blocking(move || store.enqueue(&messages).map(|()| messages))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(StoreError::Internal(format!("spool writer panicked: {e}")))
+                });
         match committed {
             Ok(messages) => {
                 for m in messages {
@@ -82,7 +90,10 @@ async fn write_loop(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Job>, ready: m
                         .collect();
                     if !recipients.is_empty() {
                         // Delivery gone means we are shutting down: the queue resumes it.
-                        let _ = ready.send(Ready { message: m.message, recipients });
+                        let _ = ready.send(Ready {
+                            message: m.message,
+                            recipients,
+                        });
                     }
                 }
                 for w in waiters {

@@ -157,12 +157,20 @@ pub struct PendingDelivery {
 /// How one delivery attempt ended.
 #[derive(Debug, Clone)]
 pub enum OutcomeKind {
-    Delivered { reply: String },
+    Delivered {
+        reply: String,
+    },
     /// Transient failure; try again at `next_attempt_at`.
-    Deferred { next_attempt_at: i64, error: String },
+    Deferred {
+        next_attempt_at: i64,
+        error: String,
+    },
     /// Permanent failure or expiry; `suppress` puts the address on the suppression
     /// list with reason "hard bounce" (the mailbox does not exist).
-    Failed { error: String, suppress: bool },
+    Failed {
+        error: String,
+        suppress: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -202,12 +210,22 @@ pub struct Event {
 pub trait Store: Send + Sync + 'static {
     // ---- contacts and consent
     /// Facts for each address, in order, about `purpose`.
-    fn consent_facts(&self, addresses: &[Address], purpose: &str) -> Result<Vec<ConsentFacts>, StoreError>;
+    fn consent_facts(
+        &self,
+        addresses: &[Address],
+        purpose: &str,
+    ) -> Result<Vec<ConsentFacts>, StoreError>;
     /// Appends to the history (creating the contact if new); returns the event id.
     fn append_consent(&self, event: &NewConsentEvent) -> Result<i64, StoreError>;
     fn set_customer(&self, address: &Address, customer: bool) -> Result<(), StoreError>;
     fn contact(&self, address: &Address) -> Result<Option<ContactRecord>, StoreError>;
-    fn suppress(&self, address: &Address, reason: &str, detail: &str, at: i64) -> Result<(), StoreError>;
+    fn suppress(
+        &self,
+        address: &Address,
+        reason: &str,
+        detail: &str,
+        at: i64,
+    ) -> Result<(), StoreError>;
     /// Lifts a suppression; false if the address was not on the list.
     fn unsuppress(&self, address: &Address) -> Result<bool, StoreError>;
 

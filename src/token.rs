@@ -1,0 +1,258 @@
+//! Opaque, signed tokens for the links optgate puts in messages (unsubscribe,
+//! preferences, confirmation). They name a contact by its number, never by address.
+//!
+//! Layout before base64url: kind (1 byte) · key id (1) · subject (LEB128 u64) ·
+//! scope (4 bytes) · HMAC-SHA256 of all that, cut to 16 bytes. At most 32 bytes,
+//! so at most 43 URL-safe characters. The key id lets keys rotate: links signed with
+//! a retired key keep working until that key's `accept_until`.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ring::hmac;
+use subtle::ConstantTimeEq;
+
+const MAC_LEN: usize = 16;
+const MAX_TOKEN_BYTES: usize = 2 + 10 + 4 + MAC_LEN;
+
+/// What a token lets its bearer do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// One purpose's unsubscribe link (`/u/{token}`).
+    Unsubscribe = 1,
+    /// The preference centre (`/p/{token}`).
+    Preferences = 2,
+    /// A double opt-in confirmation (`/confirm/{token}`).
+    Confirm = 3,
+}
+
+impl TokenKind {
+    fn from_byte(b: u8) -> Option<TokenKind> {
+        match b {
+            1 => Some(TokenKind::Unsubscribe),
+            2 => Some(TokenKind::Preferences),
+            3 => Some(TokenKind::Confirm),
+            _ => None,
+        }
+    }
+}
+
+/// What a token says, once its signature is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claims {
+    pub kind: TokenKind,
+    /// A contact number, or a sign-up number for confirmations.
+    pub subject: u64,
+    /// A purpose tag ([`purpose_tag`]), or 0 where no purpose applies.
+    pub scope: u32,
+}
+
+/// A short stable tag for a purpose id, so tokens stay valid when the config's
+/// purposes are reordered.
+pub fn purpose_tag(purpose_id: &str) -> u32 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, purpose_id.as_bytes());
+    let b = digest.as_ref();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Deliberately vague: a forged, truncated or expired link all look the same.
+    #[error("invalid token")]
+    Invalid,
+    #[error("token keys: {0}")]
+    Keys(String),
+}
+
+/// One signing secret.
+#[derive(Clone)]
+pub struct TokenKey {
+    pub id: u8,
+    key: hmac::Key,
+    /// Unix seconds after which links signed with this key are refused; None for
+    /// keys still in service.
+    pub accept_until: Option<i64>,
+}
+
+impl TokenKey {
+    pub fn new(id: u8, secret: &[u8], accept_until: Option<i64>) -> Result<TokenKey, TokenError> {
+        if secret.len() < 32 {
+            return Err(TokenError::Keys(format!(
+                "key {id}: a secret needs at least 32 bytes"
+            )));
+        }
+        Ok(TokenKey {
+            id,
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            accept_until,
+        })
+    }
+}
+
+/// The keys in use: the newest key still in service signs, every key verifies.
+#[derive(Clone)]
+pub struct TokenKeys {
+    keys: Vec<TokenKey>,
+    signing: usize,
+}
+
+impl TokenKeys {
+    pub fn new(keys: Vec<TokenKey>) -> Result<TokenKeys, TokenError> {
+        let signing = keys
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| k.accept_until.is_none())
+            .max_by_key(|(_, k)| k.id)
+            .map(|(i, _)| i)
+            .ok_or_else(|| {
+                TokenError::Keys("no key in service (every key has accept_until)".into())
+            })?;
+        for (i, k) in keys.iter().enumerate() {
+            if keys[..i].iter().any(|o| o.id == k.id) {
+                return Err(TokenError::Keys(format!("key id {} is used twice", k.id)));
+            }
+        }
+        Ok(TokenKeys { keys, signing })
+    }
+
+    pub fn issue(&self, claims: Claims) -> String {
+        let key = &self.keys[self.signing];
+        let mut bytes = Vec::with_capacity(MAX_TOKEN_BYTES);
+        bytes.push(claims.kind as u8);
+        bytes.push(key.id);
+        let mut subject = claims.subject;
+        loop {
+            let low = (subject & 0x7f) as u8;
+            subject >>= 7;
+            if subject == 0 {
+                bytes.push(low);
+                break;
+            }
+            bytes.push(low | 0x80);
+        }
+        bytes.extend_from_slice(&claims.scope.to_be_bytes());
+        let tag = hmac::sign(&key.key, &bytes);
+        bytes.extend_from_slice(&tag.as_ref()[..MAC_LEN]);
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// Checks the signature (in constant time) and the key's validity at `now`.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Claims, TokenError> {
+        if token.len() > (MAX_TOKEN_BYTES * 4).div_ceil(3) {
+            return Err(TokenError::Invalid);
+        }
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Invalid)?;
+        if bytes.len() < 2 + 1 + 4 + MAC_LEN {
+            return Err(TokenError::Invalid);
+        }
+        let (signed, mac) = bytes.split_at(bytes.len() - MAC_LEN);
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.id == signed[1])
+            .filter(|k| k.accept_until.is_none_or(|until| now <= until))
+            .ok_or(TokenError::Invalid)?;
+        let expected = hmac::sign(&key.key, signed);
+        if !bool::from(expected.as_ref()[..MAC_LEN].ct_eq(mac)) {
+            return Err(TokenError::Invalid);
+        }
+        let kind = TokenKind::from_byte(signed[0]).ok_or(TokenError::Invalid)?;
+        let (mut subject, mut shift, mut pos) = (0u64, 0u32, 2usize);
+        loop {
+            let b = *signed.get(pos).ok_or(TokenError::Invalid)?;
+            if shift > 63 {
+                return Err(TokenError::Invalid);
+            }
+            subject |= u64::from(b & 0x7f) << shift;
+            pos += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let scope: [u8; 4] = signed[pos..].try_into().map_err(|_| TokenError::Invalid)?;
+        Ok(Claims {
+            kind,
+            subject,
+            scope: u32::from_be_bytes(scope),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> TokenKeys {
+        TokenKeys::new(vec![TokenKey::new(1, &[7u8; 32], None).unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn round_trip_short_and_url_safe() {
+        let k = keys();
+        for subject in [0, 1, 300, u64::MAX] {
+            let claims = Claims {
+                kind: TokenKind::Unsubscribe,
+                subject,
+                scope: purpose_tag("newsletter"),
+            };
+            let t = k.issue(claims);
+            assert!(t.len() <= 64, "{t}");
+            assert!(
+                t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{t}"
+            );
+            assert_eq!(k.verify(&t, 0), Ok(claims));
+        }
+    }
+
+    #[test]
+    fn forged_truncated_and_foreign_tokens_are_refused() {
+        let k = keys();
+        let t = k.issue(Claims {
+            kind: TokenKind::Unsubscribe,
+            subject: 42,
+            scope: 9,
+        });
+        assert_eq!(k.verify(&t[..t.len() - 1], 0), Err(TokenError::Invalid));
+        let mut raw = URL_SAFE_NO_PAD.decode(&t).unwrap();
+        raw[2] ^= 1; // another contact
+        assert_eq!(
+            k.verify(&URL_SAFE_NO_PAD.encode(&raw), 0),
+            Err(TokenError::Invalid)
+        );
+        let other = TokenKeys::new(vec![TokenKey::new(1, &[8u8; 32], None).unwrap()]).unwrap();
+        assert_eq!(other.verify(&t, 0), Err(TokenError::Invalid));
+        assert_eq!(k.verify("not a token!", 0), Err(TokenError::Invalid));
+        assert_eq!(k.verify("", 0), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn rotation_keeps_old_links_working_until_their_key_retires() {
+        let old = TokenKeys::new(vec![TokenKey::new(1, &[1u8; 32], None).unwrap()]).unwrap();
+        let t = old.issue(Claims {
+            kind: TokenKind::Preferences,
+            subject: 5,
+            scope: 0,
+        });
+        let rotated = TokenKeys::new(vec![
+            TokenKey::new(1, &[1u8; 32], Some(1000)).unwrap(),
+            TokenKey::new(2, &[2u8; 32], None).unwrap(),
+        ])
+        .unwrap();
+        assert!(rotated.verify(&t, 999).is_ok());
+        assert_eq!(rotated.verify(&t, 1001), Err(TokenError::Invalid));
+        let fresh = rotated.issue(Claims {
+            kind: TokenKind::Preferences,
+            subject: 5,
+            scope: 0,
+        });
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(&fresh).unwrap()[1],
+            2,
+            "new links use the key in service"
+        );
+    }
+}
