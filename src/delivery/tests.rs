@@ -1,155 +1,51 @@
-//! The scheduler against an in-memory store and a scripted upstream: resume, group
+//! The scheduler against the real store and a scripted upstream: resume, group
 //! commit, one read per message, deferral, expiry, bounce-before-record, shutdown.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::address::Address;
+use crate::dkim::KeyRing;
 use crate::relay::fake_upstream;
-use crate::store::{
-    ConsentFacts, ContactRecord, Event, NewConsentEvent, PendingDelivery, QueueEntry, StoreError,
-};
+use crate::store::Event;
+use crate::store::testing::{Flaky, Op};
+use crate::token::{TokenKey, TokenKeys};
 
-#[derive(Debug, Clone)]
-enum Entry {
-    Enqueued { purpose: String },
-    Outcome(DeliveryOutcome),
+fn addr(s: &str) -> Address {
+    Address::parse(s).unwrap()
 }
 
-#[derive(Default)]
-struct State {
-    messages: HashMap<String, QueuedMessage>,
-    deliveries: BTreeMap<(String, String), PendingDelivery>,
-    log: Vec<Entry>,
-    message_reads: usize,
-    pending_reads: usize,
-    record_calls: usize,
-    /// Fail this many record_outcomes calls first.
-    fail_records: usize,
+/// What the store logged about delivering to `rcpt`: every event but the decision.
+fn results(store: &Flaky, rcpt: &str) -> Vec<Event> {
+    let mut events = store.events_for(&addr(rcpt)).unwrap();
+    events.retain(|e| e.kind != "decision");
+    events
 }
 
-#[derive(Default)]
-struct FakeStore(Mutex<State>);
-
-fn unused<T>() -> Result<T, StoreError> {
-    Err(StoreError::Internal("not used by delivery".into()))
+/// The latest result logged for `rcpt`, as (kind, detail).
+fn result(store: &Flaky, rcpt: &str) -> Option<(String, String)> {
+    results(store, rcpt).pop().map(|e| (e.kind, e.detail))
 }
 
-impl Store for FakeStore {
-    fn consent_facts(&self, _: &[Address], _: &str) -> Result<Vec<ConsentFacts>, StoreError> {
-        unused()
-    }
-    fn append_consent(&self, _: &NewConsentEvent) -> Result<i64, StoreError> {
-        unused()
-    }
-    fn set_customer(&self, _: &Address, _: bool) -> Result<(), StoreError> {
-        unused()
-    }
-    fn contact(&self, _: &Address) -> Result<Option<ContactRecord>, StoreError> {
-        unused()
-    }
-    fn suppress(&self, _: &Address, _: &str, _: &str, _: i64) -> Result<(), StoreError> {
-        unused()
-    }
-    fn unsuppress(&self, _: &Address) -> Result<bool, StoreError> {
-        unused()
-    }
-    fn enqueue(&self, batch: &[NewMessage]) -> Result<(), StoreError> {
-        let mut s = self.0.lock().unwrap();
-        for m in batch {
-            let id = m.message.id.clone();
-            for r in m.recipients.iter().filter(|r| r.allowed) {
-                s.deliveries.insert(
-                    (id.clone(), r.address.to_string()),
-                    PendingDelivery {
-                        message_id: id.clone(),
-                        recipient: r.address.to_string(),
-                        attempts: 0,
-                        next_attempt_at: m.message.received_at,
-                    },
-                );
-            }
-            s.messages.insert(id, m.message.clone());
-            let purpose = m.message.purpose.clone();
-            s.log.push(Entry::Enqueued { purpose });
-        }
-        Ok(())
-    }
-    fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StoreError> {
-        let mut s = self.0.lock().unwrap();
-        s.pending_reads += 1;
-        Ok(s.deliveries.values().cloned().collect())
-    }
-    fn message(&self, id: &str) -> Result<Option<QueuedMessage>, StoreError> {
-        let mut s = self.0.lock().unwrap();
-        s.message_reads += 1;
-        Ok(s.messages.get(id).cloned())
-    }
-    fn record_outcomes(&self, outcomes: &[DeliveryOutcome]) -> Result<(), StoreError> {
-        let mut s = self.0.lock().unwrap();
-        s.record_calls += 1;
-        if s.fail_records > 0 {
-            s.fail_records -= 1;
-            return Err(StoreError::Database("disk I/O error".into()));
-        }
-        for o in outcomes {
-            let key = (o.message_id.clone(), o.recipient.clone());
-            match &o.kind {
-                OutcomeKind::Deferred {
-                    next_attempt_at, ..
-                } => {
-                    if let Some(d) = s.deliveries.get_mut(&key) {
-                        d.attempts += 1;
-                        d.next_attempt_at = *next_attempt_at;
-                    }
-                }
-                _ => {
-                    s.deliveries.remove(&key);
-                    if !s.deliveries.keys().any(|(id, _)| id == &o.message_id) {
-                        s.messages.remove(&o.message_id);
-                    }
-                }
-            }
-            s.log.push(Entry::Outcome(o.clone()));
-        }
-        Ok(())
-    }
-    fn queue(&self) -> Result<Vec<QueueEntry>, StoreError> {
-        unused()
-    }
-    fn events_for(&self, _: &Address) -> Result<Vec<Event>, StoreError> {
-        unused()
-    }
+/// The bounce reports queued for `sender`: the decision events of "dsn" messages.
+fn reports_to(store: &Flaky, sender: &str) -> Vec<Event> {
+    let mut events = store.events_for(&addr(sender)).unwrap();
+    events.retain(|e| e.kind == "decision" && e.purpose.as_deref() == Some(DSN_PURPOSE));
+    events
 }
 
-impl FakeStore {
-    fn outcomes(&self) -> Vec<DeliveryOutcome> {
-        let s = self.0.lock().unwrap();
-        s.log
-            .iter()
-            .filter_map(|e| match e {
-                Entry::Outcome(o) => Some(o.clone()),
-                Entry::Enqueued { .. } => None,
-            })
-            .collect()
-    }
-    fn outcome_for(&self, recipient: &str) -> Option<OutcomeKind> {
-        self.outcomes()
-            .into_iter()
-            .rev()
-            .find(|o| o.recipient == recipient)
-            .map(|o| o.kind)
-    }
+fn suppression(store: &Flaky, rcpt: &str) -> Option<String> {
+    let contact = store.contact(&addr(rcpt)).unwrap()?;
+    contact.suppression.map(|s| s.reason)
 }
 
 fn config(upstream: &str) -> Arc<Config> {
     let text = format!(
-        "[smtp]\nhostname = \"gw.example.com\"\n{upstream}\n[queue]\nretry_schedule = [\"1m\", \"5m\"]\nmax_age = \"1d\"\nconcurrency = 4\n[[purpose]]\nid = \"news\"\nname = \"News\"\nbasis = \"consent\"\n"
+        "[smtp]\nhostname = \"gw.example.com\"\n{upstream}\n[queue]\nretry_schedule = [\"1m\", \"5m\"]\nmax_age = \"1d\"\nconcurrency = 4\n[dkim]\ngenerate_missing = false\n[[purpose]]\nid = \"news\"\nname = \"News\"\nbasis = \"consent\"\n"
     );
     Arc::new(Config::parse(&text, Path::new("/tmp/optgate-test/optgate.toml")).unwrap())
 }
@@ -168,22 +64,32 @@ fn smtp_config(port: u16) -> Arc<Config> {
 }
 
 struct Running {
-    store: Arc<FakeStore>,
+    store: Arc<Flaky>,
     spool: Spool,
     writer: JoinHandle<()>,
     delivery: JoinHandle<()>,
     shutdown: CancellationToken,
 }
 
-fn run(config: Arc<Config>, store: Arc<FakeStore>) -> Running {
+fn run(config: Arc<Config>, store: Arc<Flaky>) -> Running {
     let dyn_store: Arc<dyn Store> = store.clone();
     let relay = Relay::new(&config.upstream, &config.smtp.hostname).unwrap();
+    let tokens = TokenKeys::new(vec![TokenKey::new(1, &[7u8; 32], None).unwrap()]).unwrap();
+    // No key configured and none generated: copies go out unsigned.
+    let dkim = KeyRing::load(&config.dkim, &config.storage.data_dir).unwrap();
+    let copies = CopyMaker::new(
+        config.clone(),
+        dyn_store.clone(),
+        Arc::new(tokens),
+        Arc::new(dkim),
+    );
     let (spool, ready, writer) = Spool::start(dyn_store.clone());
     let shutdown = CancellationToken::new();
     let delivery = start(
         config,
         dyn_store,
         relay,
+        copies,
         spool.clone(),
         ready,
         shutdown.clone(),
@@ -256,7 +162,7 @@ async fn committed_messages_are_delivered_without_reading_the_store() {
     let r = run(file_config(dir.path()), Arc::default());
     let store = r.store.clone();
     // Committed before the resume query, it would come from the store instead.
-    wait_for("resume", || store.0.lock().unwrap().pending_reads == 1).await;
+    wait_for("resume", || store.calls(Op::PendingDeliveries) == 1).await;
     let rcpts = ["a@example.net", "b@example.net", "c@example.net"];
     r.spool
         .accept(new_message(
@@ -265,20 +171,19 @@ async fn committed_messages_are_delivered_without_reading_the_store() {
         ))
         .await
         .unwrap();
-    wait_for("3 delivered", || store.outcomes().len() == 3).await;
-    for o in store.outcomes() {
-        match o.kind {
-            OutcomeKind::Delivered { reply } => {
+    wait_for("3 delivered", || {
+        rcpts.iter().all(|rcpt| result(&store, rcpt).is_some())
+    })
+    .await;
+    for rcpt in rcpts {
+        match result(&store, rcpt) {
+            Some((kind, reply)) if kind == "delivered" => {
                 assert!(reply.starts_with("written to "), "{reply}")
             }
-            other => panic!("{other:?}"),
+            other => panic!("{rcpt}: {other:?}"),
         }
     }
-    assert_eq!(
-        store.0.lock().unwrap().message_reads,
-        0,
-        "the body came with Ready"
-    );
+    assert_eq!(store.calls(Op::Message), 0, "the body came with Ready");
     let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(files.len(), 3);
     for f in files {
@@ -288,16 +193,17 @@ async fn committed_messages_are_delivered_without_reading_the_store() {
             !text.contains("X-Optgate"),
             "control headers stripped: {text}"
         );
-        assert!(text.ends_with("Hi there.\r\n"));
+        assert!(text.contains("\r\n\r\nHi there.\r\n"), "{text}");
     }
-    assert!(store.0.lock().unwrap().messages.is_empty());
+    assert!(store.message("M1").unwrap().is_none());
+    assert!(store.pending_deliveries().unwrap().is_empty());
     r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resumed_messages_are_read_once_and_not_sent_twice() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<FakeStore> = Arc::default();
+    let store: Arc<Flaky> = Arc::default();
     let rcpts: Vec<String> = (0..10).map(|i| format!("r{i}@example.net")).collect();
     let rcpt_refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
     store
@@ -307,15 +213,38 @@ async fn resumed_messages_are_read_once_and_not_sent_twice() {
         )])
         .unwrap();
     let r = run(file_config(dir.path()), store.clone());
-    wait_for("10 delivered", || store.outcomes().len() == 10).await;
-    assert_eq!(
-        store.0.lock().unwrap().message_reads,
-        1,
-        "one read for ten recipients"
-    );
+    wait_for("10 delivered", || {
+        rcpts.iter().all(|rcpt| result(&store, rcpt).is_some())
+    })
+    .await;
+    assert_eq!(store.calls(Op::Message), 1, "one read for ten recipients");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(store.outcomes().len(), 10);
+    for rcpt in &rcpts {
+        let kinds: Vec<String> = results(&store, rcpt).into_iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, ["delivered"], "{rcpt}");
+    }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 10);
+    assert!(store.message("OLD").unwrap().is_none());
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_gone_from_the_store_is_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<Flaky> = Arc::default();
+    store
+        .enqueue(&[new_message(
+            message("GONE", "news@shop.example", clock::now() - 60),
+            &["a@example.net"],
+        )])
+        .unwrap();
+    store.lose("GONE");
+    let r = run(file_config(dir.path()), store.clone());
+    wait_for("the body looked up", || store.calls(Op::Message) == 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.calls(Op::Message), 1, "looked up once, not retried");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert!(result(&store, "a@example.net").is_none());
     r.stop().await;
 }
 
@@ -340,54 +269,53 @@ async fn failures_bounce_once_per_message_before_they_are_recorded() {
     let store = r.store.clone();
     // Four outcomes for M2, then the bounce report delivered to the sender.
     wait_for("outcomes and the bounce delivered", || {
-        store.outcomes().len() >= 5
+        rcpts.iter().all(|rcpt| result(&store, rcpt).is_some())
+            && result(&store, "news@shop.example").is_some()
     })
     .await;
 
-    assert!(
-        matches!(store.outcome_for("ok@example.net"), Some(OutcomeKind::Delivered { reply }) if reply == "250 2.0.0 Ok: queued as FAKE")
-    );
-    match store.outcome_for("bad@example.net") {
-        Some(OutcomeKind::Failed { error, suppress }) => {
-            assert!(suppress);
+    match result(&store, "ok@example.net") {
+        Some((kind, reply)) if kind == "delivered" => {
+            assert!(reply.starts_with("250 2.0.0 Ok: queued as FAKE"), "{reply}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match result(&store, "bad@example.net") {
+        Some((kind, error)) if kind == "bounced" => {
             assert!(error.starts_with("550 5.1.1 <bad@example.net>"), "{error}");
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(
-        store.outcome_for("full@example.net"),
-        Some(OutcomeKind::Failed {
-            suppress: false,
-            ..
-        })
-    ));
-    match store.outcome_for("later@example.net") {
-        Some(OutcomeKind::Deferred {
-            next_attempt_at,
-            error,
-        }) => {
-            assert_eq!(error, "451 4.3.0 Try again later");
-            assert!((before + 60..=clock::now() + 60).contains(&next_attempt_at));
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(
+        suppression(&store, "bad@example.net").as_deref(),
+        Some("hard bounce")
+    );
+    assert!(matches!(result(&store, "full@example.net"), Some((kind, _)) if kind == "bounced"));
+    assert_eq!(suppression(&store, "full@example.net"), None);
+    assert_eq!(
+        result(&store, "later@example.net"),
+        Some(("deferred".into(), "451 4.3.0 Try again later".into()))
+    );
+    let pending = store.pending_deliveries().unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].recipient.as_str(), pending[0].attempts),
+        ("later@example.net", 1)
+    );
+    assert!((before + 60..=clock::now() + 60).contains(&pending[0].next_attempt_at));
 
-    let log = store.0.lock().unwrap().log.clone();
-    let dsn_at = log
-        .iter()
-        .position(|e| matches!(e, Entry::Enqueued { purpose, .. } if purpose == DSN_PURPOSE))
-        .expect("one bounce report");
-    let dsn_count = log
-        .iter()
-        .filter(|e| matches!(e, Entry::Enqueued { purpose, .. } if purpose == DSN_PURPOSE))
-        .count();
-    assert_eq!(dsn_count, 1, "one report for both failures: {log:?}");
-    for (i, e) in log.iter().enumerate() {
-        if let Entry::Outcome(o) = e
-            && matches!(o.kind, OutcomeKind::Failed { .. })
-        {
-            assert!(i > dsn_at, "failure recorded before its bounce was spooled");
-        }
+    let reports = reports_to(&store, "news@shop.example");
+    assert_eq!(
+        reports.len(),
+        1,
+        "one report for both failures: {reports:?}"
+    );
+    for rcpt in ["bad@example.net", "full@example.net"] {
+        let failure = results(&store, rcpt).pop().unwrap();
+        assert!(
+            failure.id > reports[0].id,
+            "{rcpt}: failure recorded before its bounce was spooled"
+        );
     }
 
     // The report went out with the null sender to the original sender.
@@ -408,7 +336,7 @@ async fn failures_bounce_once_per_message_before_they_are_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_old_message_expires_and_a_null_sender_gets_no_bounce() {
     let up = fake_upstream::start().await;
-    let store: Arc<FakeStore> = Arc::default();
+    let store: Arc<Flaky> = Arc::default();
     let old = clock::now() - 2 * 86400;
     store
         .enqueue(&[
@@ -420,47 +348,38 @@ async fn an_old_message_expires_and_a_null_sender_gets_no_bounce() {
         ])
         .unwrap();
     let r = run(smtp_config(up.port), store.clone());
+    let rcpts = ["later1@example.net", "later2@example.net"];
     wait_for("both failed and a report queued", || {
-        store.outcomes().len() >= 2
-            && store
-                .0
-                .lock()
-                .unwrap()
-                .log
-                .iter()
-                .any(|e| matches!(e, Entry::Enqueued { purpose, .. } if purpose == DSN_PURPOSE))
+        rcpts.iter().all(|rcpt| result(&store, rcpt).is_some())
+            && !reports_to(&store, "news@shop.example").is_empty()
     })
     .await;
-    for rcpt in ["later1@example.net", "later2@example.net"] {
-        match store.outcome_for(rcpt) {
-            Some(OutcomeKind::Failed { error, suppress }) => {
-                assert!(!suppress);
-                assert_eq!(
-                    error,
-                    "4.4.7 message expired after 1 attempt: last error 451 4.3.0 Try again later"
-                );
-            }
-            other => panic!("{rcpt}: {other:?}"),
-        }
+    for rcpt in rcpts {
+        assert_eq!(
+            result(&store, rcpt),
+            Some((
+                "bounced".into(),
+                "4.4.7 message expired after 1 attempt: last error 451 4.3.0 Try again later"
+                    .into()
+            )),
+            "{rcpt}"
+        );
+        assert_eq!(suppression(&store, rcpt), None, "{rcpt}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let reports = store
-        .0
-        .lock()
-        .unwrap()
-        .log
-        .iter()
-        .filter(|e| matches!(e, Entry::Enqueued { purpose, .. } if purpose == DSN_PURPOSE))
-        .count();
-    assert_eq!(reports, 1, "none for the message with the null sender");
+    assert_eq!(
+        reports_to(&store, "news@shop.example").len(),
+        1,
+        "none for the message with the null sender"
+    );
     r.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_are_retried_until_the_store_takes_them() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<FakeStore> = Arc::default();
-    store.0.lock().unwrap().fail_records = 2;
+    let store: Arc<Flaky> = Arc::default();
+    store.fail(Op::RecordOutcomes, 2);
     let r = run(file_config(dir.path()), store.clone());
     r.spool
         .accept(new_message(
@@ -470,10 +389,12 @@ async fn outcomes_are_retried_until_the_store_takes_them() {
         .await
         .unwrap();
     wait_for("recorded after two failures", || {
-        store.outcomes().len() == 1
+        result(&store, "x@example.net").is_some()
     })
     .await;
-    assert_eq!(store.0.lock().unwrap().record_calls, 3);
+    assert_eq!(store.calls(Op::RecordOutcomes), 3);
+    assert_eq!(results(&store, "x@example.net").len(), 1);
+    assert!(store.pending_deliveries().unwrap().is_empty());
     r.stop().await;
 }
 
@@ -489,7 +410,7 @@ async fn shutdown_leaves_deferred_recipients_pending() {
         .await
         .unwrap();
     let store = r.store.clone();
-    wait_for("deferred", || store.outcomes().len() == 1).await;
+    wait_for("deferred", || result(&store, "later@example.net").is_some()).await;
     r.stop().await;
     let pending = store.pending_deliveries().unwrap();
     assert_eq!(pending.len(), 1);

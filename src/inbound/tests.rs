@@ -1,10 +1,9 @@
-//! Whole sessions over real sockets against an in-memory store: what a mailer sees,
-//! and what reaches the spool. The pieces have their own unit tests beside them.
+//! Whole sessions over real sockets against the real store: what a mailer sees, and
+//! what the queue then holds. The pieces have their own unit tests beside them.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use argon2::password_hash::{PasswordHasher, SaltString};
@@ -21,91 +20,38 @@ use crate::address::Address;
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::spool::{Ready, Spool};
+use crate::store::testing::{Flaky, Op};
 use crate::store::*;
 
-/// Consent by name: "yes…" granted, "gone…" withdrawn, anyone else never asked.
-#[derive(Default)]
-struct FakeStore {
-    queued: Mutex<Vec<NewMessage>>,
-    broken: AtomicBool,
+/// Who has said what about "news": the rest never said anything.
+const GRANTED: [&str; 4] = [
+    "yes@example.org",
+    "yes1@example.org",
+    "yes2@example.org",
+    "yes3@example.org",
+];
+const WITHDRAWN: &str = "gone@example.org";
+
+fn addr(s: &str) -> Address {
+    Address::parse(s).unwrap()
 }
 
-fn not_here<T>() -> Result<T, StoreError> {
-    Err(StoreError::Internal("not used by inbound".into()))
-}
-
-impl Store for FakeStore {
-    fn consent_facts(
-        &self,
-        addresses: &[Address],
-        _purpose: &str,
-    ) -> Result<Vec<ConsentFacts>, StoreError> {
-        if self.broken.load(Ordering::SeqCst) {
-            return Err(StoreError::Database("disk on fire".into()));
-        }
-        Ok(addresses
-            .iter()
-            .map(|a| {
-                let event = |action| {
-                    Some(LatestEvent {
-                        id: 1,
-                        action,
-                        at: crate::clock::now() - 10,
-                    })
-                };
-                let purpose_event = if a.as_str().starts_with("yes") {
-                    event(ConsentAction::Grant)
-                } else if a.as_str().starts_with("gone") {
-                    event(ConsentAction::Withdraw)
-                } else {
-                    None
-                };
-                ConsentFacts {
-                    purpose_event,
-                    ..Default::default()
-                }
-            })
-            .collect())
-    }
-    fn append_consent(&self, _: &NewConsentEvent) -> Result<i64, StoreError> {
-        not_here()
-    }
-    fn set_customer(&self, _: &Address, _: bool) -> Result<(), StoreError> {
-        not_here()
-    }
-    fn contact(&self, _: &Address) -> Result<Option<ContactRecord>, StoreError> {
-        not_here()
-    }
-    fn suppress(&self, _: &Address, _: &str, _: &str, _: i64) -> Result<(), StoreError> {
-        not_here()
-    }
-    fn unsuppress(&self, _: &Address) -> Result<bool, StoreError> {
-        not_here()
-    }
-    fn enqueue(&self, batch: &[NewMessage]) -> Result<(), StoreError> {
-        self.queued.lock().unwrap().extend(batch.iter().cloned());
-        Ok(())
-    }
-    fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StoreError> {
-        not_here()
-    }
-    fn message(&self, _: &str) -> Result<Option<QueuedMessage>, StoreError> {
-        not_here()
-    }
-    fn record_outcomes(&self, _: &[DeliveryOutcome]) -> Result<(), StoreError> {
-        not_here()
-    }
-    fn queue(&self) -> Result<Vec<QueueEntry>, StoreError> {
-        not_here()
-    }
-    fn events_for(&self, _: &Address) -> Result<Vec<Event>, StoreError> {
-        not_here()
-    }
+fn consent(store: &Flaky, address: &str, action: ConsentAction) {
+    store
+        .append_consent(&NewConsentEvent {
+            address: addr(address),
+            purpose: "news".into(),
+            action,
+            at: crate::clock::now() - 10,
+            source: "test".into(),
+            evidence: serde_json::json!({ "page": "signup" }),
+        })
+        .unwrap();
 }
 
 struct Gateway {
     addr: SocketAddr,
-    store: Arc<FakeStore>,
+    store: Arc<Flaky>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
     dir: tempfile::TempDir,
@@ -134,7 +80,12 @@ basis = "transactional"
 "#
         );
         let config = Config::parse(&toml, &dir.path().join("optgate.toml")).unwrap();
-        let store = Arc::new(FakeStore::default());
+        let store = Arc::new(Flaky::default());
+        for granted in GRANTED {
+            consent(&store, granted, ConsentAction::Grant);
+        }
+        consent(&store, WITHDRAWN, ConsentAction::Grant);
+        consent(&store, WITHDRAWN, ConsentAction::Withdraw);
         let (spool, ready, _writer) = Spool::start(store.clone());
         let inbound = Arc::new(Inbound {
             config: Arc::new(config),
@@ -166,8 +117,41 @@ basis = "transactional"
         c
     }
 
-    fn queued(&self) -> Vec<NewMessage> {
-        self.store.queued.lock().unwrap().clone()
+    /// The messages the queue holds, oldest first.
+    fn queued(&self) -> Vec<QueuedMessage> {
+        let mut ids: Vec<String> = self
+            .store
+            .queue()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message_id)
+            .collect();
+        ids.dedup();
+        ids.iter()
+            .map(|id| self.store.message(id).unwrap().expect("a queued message"))
+            .collect()
+    }
+
+    /// Whom the queue will deliver the message to.
+    fn recipients(&self, id: &str) -> Vec<String> {
+        self.store
+            .queue()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.message_id == id)
+            .map(|e| e.recipient)
+            .collect()
+    }
+
+    /// The decisions stored about `address`, as (message id, reason).
+    fn decisions(&self, address: &str) -> Vec<(String, String)> {
+        self.store
+            .events_for(&addr(address))
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "decision")
+            .map(|e| (e.message_id.unwrap_or_default(), e.detail))
+            .collect()
     }
 }
 
@@ -256,31 +240,35 @@ async fn trusted_mailer_submits_and_hears_the_decisions() {
         done,
         format!(
             "250 2.0.0 Queued as {}: 1 accepted, 2 suppressed (1 no consent, 1 consent withdrawn)",
-            m.message.id
+            m.id
         )
     );
-    assert_eq!(m.message.sender, "Shop@example.com");
-    assert_eq!(m.message.purpose, "news");
-    assert_eq!(m.origin, "127.0.0.1");
-    let decided: Vec<(String, bool)> = m
-        .recipients
-        .iter()
-        .map(|r| (r.address.to_string(), r.allowed))
-        .collect();
-    assert_eq!(
-        decided,
-        [
-            ("yes@example.org".into(), true),
-            ("no@example.org".into(), false),
-            ("gone@example.org".into(), false)
-        ]
-    );
-    assert_eq!(m.recipients[1].reason, "suppressed: no consent");
+    assert_eq!(m.sender, "Shop@example.com");
+    assert_eq!(m.purpose, "news");
+    assert_eq!(gw.store.origins(&m.id), ["127.0.0.1"; 3]);
+    assert_eq!(gw.recipients(&m.id), ["yes@example.org"]);
+    let grant = gw
+        .store
+        .contact(&addr("yes@example.org"))
+        .unwrap()
+        .unwrap()
+        .history[0]
+        .id;
+    for (rcpt, reason) in [
+        (
+            "yes@example.org",
+            format!("allowed: consent (consent event {grant})"),
+        ),
+        ("no@example.org", "suppressed: no consent".into()),
+        ("gone@example.org", "suppressed: consent withdrawn".into()),
+    ] {
+        assert_eq!(gw.decisions(rcpt), [(m.id.clone(), reason)], "{rcpt}");
+    }
 
-    let body = String::from_utf8(m.message.body.to_vec()).unwrap();
+    let body = String::from_utf8(m.body.to_vec()).unwrap();
     let received = format!(
         "Received: from client.test (127.0.0.1)\r\n\tby gw.test (optgate) with ESMTP id {};\r\n\t",
-        m.message.id
+        m.id
     );
     assert!(body.starts_with(&received), "{body}");
     assert!(body.ends_with(
@@ -298,6 +286,11 @@ async fn trusted_mailer_submits_and_hears_the_decisions() {
         done.starts_with("250 2.0.0 Not queued: 0 accepted, 2 suppressed (no consent)"),
         "{done}"
     );
+    let nobody = gw.decisions("nobody@example.org");
+    assert_eq!(nobody.len(), 1);
+    assert_eq!(nobody[0].1, "suppressed: no consent");
+    assert!(gw.store.message(&nobody[0].0).unwrap().is_none());
+    assert_eq!(gw.queued().len(), 1);
     assert_eq!(c.say("QUIT").await, "221 2.0.0 Bye");
 }
 
@@ -335,8 +328,9 @@ async fn smuggled_commands_stay_inside_the_message() {
     assert_eq!(c.say("NOOP").await, "250 2.0.0 OK");
     let queued = gw.queued();
     assert_eq!(queued.len(), 1);
-    assert_eq!(queued[0].recipients.len(), 1);
-    let body = String::from_utf8(queued[0].message.body.to_vec()).unwrap();
+    assert_eq!(gw.recipients(&queued[0].id), ["yes@example.org"]);
+    assert!(gw.decisions("yes-victim@example.org").is_empty());
+    let body = String::from_utf8(queued[0].body.to_vec()).unwrap();
     // A dot after a bare LF does not start a line: it stays, and the LF becomes CRLF.
     assert!(
         body.contains("hello\r\n.\r\nMAIL FROM:<evil@example.com>\r\n"),
@@ -453,7 +447,7 @@ async fn bdat_chunks_make_one_message_and_refused_chunks_are_skipped() {
     c.send("BDAT 8 LAST\r\n\r\nhi\nyo\n").await;
     let done = c.reply().await;
     assert!(done.starts_with("250 2.0.0 Queued as "), "{done}");
-    let body = gw.queued()[0].message.body.to_vec();
+    let body = gw.queued()[0].body.to_vec();
     assert!(body.ends_with(b"Subject: chunks\r\n\r\nhi\r\nyo\r\n"));
 
     // Too big: every chunk to LAST is refused, then the session is ready again.
@@ -485,15 +479,25 @@ async fn purpose_and_store_trouble() {
         "550 5.7.1 unknown purpose 'nope'"
     );
 
-    gw.store.broken.store(true, Ordering::SeqCst);
-    c.say("MAIL FROM:<a@example.com>").await;
-    c.say("RCPT TO:<yes@example.org>").await;
-    c.say("DATA").await;
-    assert_eq!(
-        c.say("Subject: x\r\n\r\nhi\r\n.").await,
-        "451 4.3.0 Temporary failure checking consent, try again later"
-    );
+    // The store fails: when asked about consent, then when the message is queued.
+    for (op, reply) in [
+        (
+            Op::ConsentFacts,
+            "451 4.3.0 Temporary failure checking consent, try again later",
+        ),
+        (
+            Op::Enqueue,
+            "451 4.3.0 Could not queue the message, try again later",
+        ),
+    ] {
+        gw.store.fail(op, 1);
+        c.say("MAIL FROM:<a@example.com>").await;
+        c.say("RCPT TO:<yes@example.org>").await;
+        c.say("DATA").await;
+        assert_eq!(c.say("Subject: x\r\n\r\nhi\r\n.").await, reply);
+    }
     assert!(gw.queued().is_empty());
+    assert!(gw.decisions("yes@example.org").is_empty());
 }
 
 fn fast_hash(password: &str) -> String {
@@ -603,19 +607,17 @@ async fn untrusted_peer_needs_starttls_and_auth() {
             .await
             .starts_with("250 2.0.0 Queued as ")
     );
-    let m = &gw.queued()[0];
-    assert_eq!(m.message.purpose, "orders");
-    assert_eq!(m.origin, "crm@127.0.0.1");
-    let body = String::from_utf8(m.message.body.to_vec()).unwrap();
+    let queued = gw.queued();
+    assert_eq!(queued.len(), 1);
+    let m = &queued[0];
+    assert_eq!(m.purpose, "orders");
+    assert_eq!(gw.store.origins(&m.id), ["crm@127.0.0.1"]);
+    let body = String::from_utf8(m.body.to_vec()).unwrap();
     assert!(
         body.contains("with ESMTPSA id") && body.contains("for <anyone@example.org>;"),
         "{body}"
     );
-    assert!(
-        gw.queued()
-            .iter()
-            .all(|m| m.message.sender != "injected@example.com")
-    );
+    assert!(queued.iter().all(|m| m.sender != "injected@example.com"));
 }
 
 #[tokio::test]
@@ -644,7 +646,7 @@ async fn shutdown_lets_data_finish_and_closes_idle_sessions() {
         matches!(ended, Ok(Ok(Ok(())))),
         "serve did not end cleanly: {ended:?}"
     );
-    assert_eq!(gw.store.queued.lock().unwrap().len(), 1);
+    assert_eq!(gw.store.queue().unwrap().len(), 1);
 }
 
 #[tokio::test]

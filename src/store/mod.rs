@@ -6,6 +6,8 @@
 //! database call ever stalls the runtime.
 
 mod sqlite;
+#[cfg(test)]
+pub mod testing;
 
 pub use sqlite::SqliteStore;
 
@@ -229,9 +231,14 @@ pub trait Store: Send + Sync + 'static {
     /// Lifts a suppression; false if the address was not on the list.
     fn unsuppress(&self, address: &Address) -> Result<bool, StoreError>;
 
+    /// The contact's stable number (what tokens carry), creating the contact if new.
+    fn contact_id(&self, address: &Address) -> Result<i64, StoreError>;
+    /// The address behind a contact number, if that contact exists.
+    fn contact_address(&self, id: i64) -> Result<Option<Address>, StoreError>;
+
     // ---- the queue
-    /// Stores messages, their deliveries (allowed recipients) and every decision
-    /// event in one durable transaction. A message with no allowed recipient leaves
+    /// Stores messages, their deliveries (allowed recipients, who become contacts)
+    /// and every decision event in one durable transaction. A message with no allowed recipient leaves
     /// only its decision events.
     fn enqueue(&self, batch: &[NewMessage]) -> Result<(), StoreError>;
     /// Every delivery not yet delivered or failed, for resuming after a restart.
