@@ -1,0 +1,396 @@
+//! The HTTP side: the pages and endpoints recipients reach from the links in their
+//! mail (unsubscribe today), the metrics, and the server that runs them.
+//!
+//! Handlers stay thin: they read the request, ask the token keys and the store (on
+//! the blocking pool), and hand the decisions to plain functions. Every failure is a
+//! [`Problem`], which becomes a short page in the reader's language, never a panic.
+
+mod form;
+mod i18n;
+mod metrics;
+mod ratelimit;
+mod unsubscribe;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::IntoFuture;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use askama::Template;
+use axum::Router;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{StatusCode, request::Parts};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::address::Address;
+use crate::config::Config;
+use crate::store::{Store, StoreError};
+use crate::token::{Claims, TokenKeys, TokenKind};
+
+use i18n::Lang;
+use metrics::{Metrics, bump};
+use ratelimit::RateLimiter;
+
+/// What the web side needs from the rest of optgate.
+pub struct Web {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub tokens: Arc<TokenKeys>,
+}
+
+/// Form bodies are a field or two; anything bigger is not one of ours.
+const MAX_FORM_BYTES: usize = 8 * 1024;
+/// A request (body included) that takes longer is a stuck or hostile client.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long shutdown lets requests in flight finish before dropping them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// User agents are evidence, not payload: enough to recognise a client.
+const MAX_USER_AGENT_CHARS: usize = 512;
+
+/// The state behind every handler: the outside world plus what the web side keeps
+/// for itself.
+struct App {
+    web: Arc<Web>,
+    metrics: Metrics,
+    limiter: RateLimiter,
+    /// Serialises "read the latest event, then append" so that two POSTs racing
+    /// (mail providers do send duplicates) record one withdrawal, not two. It only
+    /// covers this process: with several nodes, a duplicate is harmless anyway.
+    consent_lock: Mutex<()>,
+}
+
+/// The routes, for [`serve`] and for tests. Handlers read the client's IP from
+/// `ConnectInfo<SocketAddr>`: serve with `into_make_service_with_connect_info`, or
+/// add a `MockConnectInfo` layer.
+pub fn router(web: Arc<Web>) -> Router {
+    let app = Arc::new(App {
+        limiter: RateLimiter::new(web.config.unsubscribe.rate_limit_per_minute, Instant::now()),
+        web,
+        metrics: Metrics::default(),
+        consent_lock: Mutex::new(()),
+    });
+    let links = Router::new()
+        .route(
+            "/u/{token}",
+            get(unsubscribe::show).post(unsubscribe::submit),
+        )
+        .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .route_layer(middleware::from_fn_with_state(app.clone(), rate_limit));
+    Router::new()
+        .route("/", get(home))
+        .route("/metrics", get(metrics))
+        .merge(links)
+        .fallback(not_found)
+        .layer(middleware::from_fn(time_limit))
+        .layer(middleware::map_response(security_headers))
+        .with_state(app)
+}
+
+/// Binds `config.http.listen`, says `http listening on ADDR` on stdout (scripts wait
+/// for that line), and serves until `shutdown`; then lets requests in flight finish.
+pub async fn serve(web: Arc<Web>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr = web.config.http.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    println!("http listening on {local}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%local, "http listening");
+    serve_on(listener, web, shutdown).await
+}
+
+/// Serves on a bound listener (tests bind port 0 themselves).
+async fn serve_on(
+    listener: TcpListener,
+    web: Arc<Web>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let service = router(web).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, service)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        ended = &mut server => return ended.context("http server"),
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(ended) => ended.context("http server"),
+        Err(_) => {
+            tracing::warn!("http: requests still open after the drain timeout; dropped");
+            Ok(())
+        }
+    }
+}
+
+// ---- what can go wrong ------------------------------------------------------------
+
+/// A request that cannot be served, as the client will see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Problem {
+    /// Forged, truncated, unknown or wrong-kind link, or no such page: one answer
+    /// for all, so that a prober learns nothing.
+    NotFound,
+    BadRequest,
+    TooLarge,
+    RateLimited {
+        retry_after: u64,
+    },
+    Timeout,
+    /// The store failed (already logged).
+    Internal,
+}
+
+impl Problem {
+    fn page(self, lang: Lang) -> Response {
+        let t = lang.texts();
+        let (status, heading, body) = match self {
+            Problem::NotFound => (StatusCode::NOT_FOUND, t.invalid_heading, t.invalid_body),
+            Problem::BadRequest => (
+                StatusCode::BAD_REQUEST,
+                t.bad_request_heading,
+                t.bad_request_body,
+            ),
+            Problem::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                t.too_large_heading,
+                t.too_large_body,
+            ),
+            Problem::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                t.too_many_heading,
+                t.too_many_body,
+            ),
+            Problem::Timeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                t.timeout_heading,
+                t.timeout_body,
+            ),
+            Problem::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                t.error_heading,
+                t.error_body,
+            ),
+        };
+        let mut response = render(
+            status,
+            &MessagePage {
+                t,
+                heading,
+                body,
+                detail: None,
+            },
+        );
+        if let Problem::RateLimited { retry_after } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        }
+        response
+    }
+}
+
+/// Runs a store call on the blocking pool; a failure is logged here and reaches the
+/// client only as [`Problem::Internal`].
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Problem> {
+    let result = tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Internal(format!("store task: {e}")))
+        .and_then(|r| r);
+    result.map_err(|e| {
+        tracing::error!(error = %e, "http: store call failed");
+        Problem::Internal
+    })
+}
+
+// ---- the client ---------------------------------------------------------------------
+
+/// Who is asking: what the evidence records and what picks the page language.
+struct Client {
+    /// The TCP peer (IPv4-mapped addresses shown as IPv4).
+    ip: IpAddr,
+    user_agent: Option<String>,
+    accept_language: Option<String>,
+}
+
+impl Client {
+    /// The page language: Accept-Language, else `fallback` (a purpose's locale).
+    fn lang(&self, fallback: &str) -> Lang {
+        i18n::negotiate(self.accept_language.as_deref(), fallback)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let accept_language = header_text(&parts.headers, header::ACCEPT_LANGUAGE);
+        let peer = ConnectInfo::<SocketAddr>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "http: no peer address (router served without connect info)");
+                Problem::Internal.page(i18n::negotiate(accept_language.as_deref(), "en"))
+            })?;
+        Ok(Client {
+            ip: ratelimit::canonical_ip(peer.0.ip()),
+            user_agent: header_text(&parts.headers, header::USER_AGENT)
+                .map(|ua| sanitize_user_agent(&ua))
+                .filter(|ua| !ua.is_empty()),
+            accept_language,
+        })
+    }
+}
+
+fn header_text(headers: &HeaderMap, name: HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// Control characters out, length capped on a character boundary.
+fn sanitize_user_agent(ua: &str) -> String {
+    ua.trim()
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(MAX_USER_AGENT_CHARS)
+        .collect()
+}
+
+// ---- links --------------------------------------------------------------------------
+
+impl App {
+    /// The claims of a link of `kind`, or the one answer every bad link gets.
+    fn claims(&self, token: &str, kind: TokenKind, client: &Client) -> Result<Claims, Problem> {
+        match self.web.tokens.verify(token, crate::clock::now()) {
+            Ok(claims) if claims.kind == kind => Ok(claims),
+            Ok(_) => Err(self.refuse("a token of another kind", client)),
+            Err(_) => Err(self.refuse("forged, truncated or expired", client)),
+        }
+    }
+
+    /// The address behind a contact number that a verified token carries.
+    async fn contact(&self, subject: u64, client: &Client) -> Result<(i64, Address), Problem> {
+        let id = i64::try_from(subject).map_err(|_| self.refuse("no such contact", client))?;
+        let store = self.web.store.clone();
+        match blocking(move || store.contact_address(id)).await? {
+            Some(address) => Ok((id, address)),
+            None => Err(self.refuse("no such contact", client)),
+        }
+    }
+
+    /// Counts and logs a refused link. The token itself is not logged: a valid-looking
+    /// one is a credential, and a forged one is noise.
+    fn refuse(&self, why: &'static str, client: &Client) -> Problem {
+        bump(&self.metrics.invalid_tokens);
+        tracing::warn!(peer = %client.ip, why, "http: invalid link refused");
+        Problem::NotFound
+    }
+}
+
+// ---- pages and plumbing -------------------------------------------------------------
+
+/// A heading and a sentence or two.
+#[derive(Template)]
+#[template(path = "message.html")]
+struct MessagePage<'a> {
+    t: &'static i18n::Texts,
+    heading: &'a str,
+    body: &'a str,
+    detail: Option<&'a str>,
+}
+
+fn render(status: StatusCode, page: &impl Template) -> Response {
+    match page.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "http: a page failed to render");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
+        }
+    }
+}
+
+/// So that a curl to the base URL answers something.
+async fn home() -> &'static str {
+    "optgate\n"
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(headers: HeaderMap) -> Response {
+    let lang = header_text(&headers, header::ACCEPT_LANGUAGE);
+    Problem::NotFound.page(i18n::negotiate(lang.as_deref(), "en"))
+}
+
+async fn rate_limit(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match app.limiter.check(peer.ip(), Instant::now()) {
+        Ok(()) => next.run(request).await,
+        Err(retry_after) => {
+            bump(&app.metrics.rate_limited);
+            tracing::debug!(peer = %peer.ip(), "http: rate limited");
+            let lang = header_text(request.headers(), header::ACCEPT_LANGUAGE);
+            Problem::RateLimited { retry_after }.page(i18n::negotiate(lang.as_deref(), "en"))
+        }
+    }
+}
+
+async fn time_limit(request: Request, next: Next) -> Response {
+    let lang = header_text(request.headers(), header::ACCEPT_LANGUAGE);
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::Timeout.page(i18n::negotiate(lang.as_deref(), "en")),
+    }
+}
+
+/// Every answer: never cached (a page names a person), never indexed, no referrer
+/// leaking the token to anyone, and nothing loaded from anywhere.
+async fn security_headers(mut response: Response) -> Response {
+    const HEADERS: [(&str, &str); 6] = [
+        ("cache-control", "no-store"),
+        ("referrer-policy", "no-referrer"),
+        ("x-robots-tag", "noindex, nofollow"),
+        (
+            "content-security-policy",
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+    ];
+    let headers = response.headers_mut();
+    for (name, value) in HEADERS {
+        headers
+            .entry(HeaderName::from_static(name))
+            .or_insert(HeaderValue::from_static(value));
+    }
+    response
+}
