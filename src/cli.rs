@@ -45,6 +45,41 @@ pub enum Command {
     /// Inspect the delivery queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// DKIM keys.
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+    /// The keys that sign unsubscribe links.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+}
+
+#[derive(Subcommand)]
+pub enum DkimCommand {
+    /// Write a new private key (PEM) and print the DNS TXT record to publish.
+    Keygen {
+        #[arg(long)]
+        domain: String,
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: KeyAlgorithm,
+        /// Where to write the private key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum KeyAlgorithm {
+    Rsa,
+    Ed25519,
+}
+
+#[derive(Subcommand)]
+pub enum TokensCommand {
+    /// Sign new links with a fresh key; links already sent keep working for
+    /// `tokens.retired_key_validity`. Restart `serve` to use it.
+    Rotate,
 }
 
 #[derive(Subcommand)]
@@ -122,7 +157,53 @@ pub fn run(config: &Config, command: Command) -> anyhow::Result<()> {
         Command::Consent(c) => consent(config, c),
         Command::Contact(c) => contact(config, c),
         Command::Queue(QueueCommand::List) => queue_list(config),
+        Command::Dkim(DkimCommand::Keygen {
+            domain,
+            selector,
+            algorithm,
+            out,
+        }) => dkim_keygen(&domain, &selector, algorithm, &out),
+        Command::Tokens(TokensCommand::Rotate) => {
+            std::fs::create_dir_all(&config.storage.data_dir)?;
+            let id = crate::token::TokenKeys::rotate(
+                &config.storage.data_dir,
+                clock::now(),
+                config.tokens.retired_key_validity,
+            )?;
+            println!(
+                "token key {id} now signs new links; older links work for {} more",
+                humantime::format_duration(config.tokens.retired_key_validity)
+            );
+            Ok(())
+        }
     }
+}
+
+/// Needs no config: it only writes a key file and prints its DNS record.
+pub fn dkim_keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: KeyAlgorithm,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    Address::parse(&format!("x@{domain}"))
+        .map_err(|_| anyhow::anyhow!("'{domain}' is not a domain"))?;
+    let algorithm = match algorithm {
+        KeyAlgorithm::Rsa => crate::dkim::Algorithm::RsaSha256,
+        KeyAlgorithm::Ed25519 => crate::dkim::Algorithm::Ed25519Sha256,
+    };
+    let key = crate::dkim::generate(domain, selector, algorithm)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    file.write_all(key.private_pem.as_bytes())?;
+    file.sync_all()?;
+    println!("{}", key.dns_record);
+    Ok(())
 }
 
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {

@@ -36,6 +36,9 @@ pub struct Config {
     pub storage: StorageConfig,
     pub upstream: UpstreamConfig,
     pub queue: QueueConfig,
+    pub dkim: DkimConfig,
+    pub tokens: TokensConfig,
+    pub unsubscribe: UnsubscribeConfig,
     pub default_purpose: String,
     pub purposes: Vec<Purpose>,
 }
@@ -135,6 +138,35 @@ pub struct QueueConfig {
     pub concurrency: usize,
 }
 
+#[derive(Debug, Clone)]
+pub struct DkimConfig {
+    pub keys: Vec<DkimKeyConfig>,
+    /// Make (once, into the data directory) a key for a From domain that has none.
+    pub generate_missing: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DkimKeyConfig {
+    pub domain: String,
+    pub selector: String,
+    pub algorithm: crate::dkim::Algorithm,
+    pub private_key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokensConfig {
+    /// How long links signed with a retired key keep working after `optgate tokens rotate`.
+    pub retired_key_validity: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UnsubscribeConfig {
+    /// A mailbox offered second in List-Unsubscribe (`mailto:`), for clients without HTTP.
+    pub mailto: Option<String>,
+    /// Requests per minute one IP may make to the unsubscribe pages.
+    pub rate_limit_per_minute: u32,
+}
+
 // ---- the file as written ---------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -153,7 +185,68 @@ struct RawConfig {
     #[serde(default)]
     policy: RawPolicy,
     #[serde(default)]
+    dkim: RawDkim,
+    #[serde(default)]
+    tokens: RawTokens,
+    #[serde(default)]
+    unsubscribe: RawUnsubscribe,
+    #[serde(default)]
     purpose: Vec<RawPurpose>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDkim {
+    key: Vec<RawDkimKey>,
+    generate_missing: bool,
+}
+
+impl Default for RawDkim {
+    fn default() -> Self {
+        RawDkim {
+            key: Vec::new(),
+            generate_missing: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDkimKey {
+    domain: String,
+    selector: String,
+    algorithm: crate::dkim::Algorithm,
+    private_key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTokens {
+    retired_key_validity: String,
+}
+
+impl Default for RawTokens {
+    fn default() -> Self {
+        RawTokens {
+            retired_key_validity: "180d".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawUnsubscribe {
+    mailto: Option<String>,
+    rate_limit_per_minute: u32,
+}
+
+impl Default for RawUnsubscribe {
+    fn default() -> Self {
+        RawUnsubscribe {
+            mailto: None,
+            rate_limit_per_minute: 60,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -303,6 +396,14 @@ struct RawPurpose {
     expires_after_days: Option<u32>,
     #[serde(default)]
     description: String,
+    #[serde(default = "default_locale")]
+    locale: String,
+    footer_text: Option<String>,
+    footer_html: Option<String>,
+}
+
+fn default_locale() -> String {
+    "en".into()
 }
 
 // ---- reading and validating ------------------------------------------------------
@@ -335,6 +436,13 @@ impl Config {
 
     pub fn purpose(&self, id: &str) -> Option<&Purpose> {
         self.purposes.iter().find(|p| p.id == id)
+    }
+
+    /// The purpose a token's scope names (see [`crate::token::purpose_tag`]).
+    pub fn purpose_by_tag(&self, tag: u32) -> Option<&Purpose> {
+        self.purposes
+            .iter()
+            .find(|p| crate::token::purpose_tag(&p.id) == tag)
     }
 
     /// Whether `ip` belongs to a network that may relay without AUTH.
@@ -420,6 +528,27 @@ impl Validator<'_> {
         };
         let upstream = self.upstream(raw.upstream)?;
         let queue = self.queue(raw.queue)?;
+        let dkim = self.dkim(raw.dkim)?;
+        let tokens = TokensConfig {
+            retired_key_validity: self.duration(
+                "tokens.retired_key_validity",
+                &raw.tokens.retired_key_validity,
+            )?,
+        };
+        if let Some(m) = &raw.unsubscribe.mailto
+            && crate::address::Address::parse(m).is_err()
+        {
+            return Err(self.err(
+                "unsubscribe.mailto",
+                format!("'{m}' is not an email address"),
+            ));
+        }
+        if raw.unsubscribe.rate_limit_per_minute == 0 {
+            return Err(self.err(
+                "unsubscribe.rate_limit_per_minute",
+                "must be greater than 0",
+            ));
+        }
         Ok(Config {
             path: self.path.to_path_buf(),
             smtp,
@@ -427,6 +556,12 @@ impl Validator<'_> {
             storage,
             upstream,
             queue,
+            dkim,
+            tokens,
+            unsubscribe: UnsubscribeConfig {
+                mailto: raw.unsubscribe.mailto,
+                rate_limit_per_minute: raw.unsubscribe.rate_limit_per_minute,
+            },
             default_purpose,
             purposes,
         })
@@ -469,6 +604,9 @@ impl Validator<'_> {
                 basis: p.basis,
                 expires_after_days: p.expires_after_days,
                 description: p.description,
+                locale: p.locale,
+                footer_text: p.footer_text,
+                footer_html: p.footer_html,
             });
         }
         Ok(out)
@@ -596,6 +734,39 @@ impl Validator<'_> {
                 format!("'{other}' is not \"file\" or \"smtp\""),
             )),
         }
+    }
+
+    fn dkim(&self, raw: RawDkim) -> Result<DkimConfig, ConfigError> {
+        let mut keys = Vec::with_capacity(raw.key.len());
+        for (i, k) in raw.key.into_iter().enumerate() {
+            if crate::address::Address::parse(&format!("x@{}", k.domain)).is_err() {
+                return Err(self.err(
+                    format!("dkim.key[{i}].domain"),
+                    format!("'{}' is not a domain", k.domain),
+                ));
+            }
+            if k.selector.is_empty()
+                || !k
+                    .selector
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                return Err(self.err(
+                    format!("dkim.key[{i}].selector"),
+                    format!("'{}' is not a DNS label", k.selector),
+                ));
+            }
+            keys.push(DkimKeyConfig {
+                domain: k.domain.to_ascii_lowercase(),
+                selector: k.selector,
+                algorithm: k.algorithm,
+                private_key: self.resolve(&k.private_key),
+            });
+        }
+        Ok(DkimConfig {
+            keys,
+            generate_missing: raw.generate_missing,
+        })
     }
 
     fn queue(&self, raw: RawQueue) -> Result<QueueConfig, ConfigError> {

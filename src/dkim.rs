@@ -3,7 +3,8 @@
 //! nothing else in the message.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -132,6 +133,107 @@ impl Signers {
     }
 }
 
+/// The selector of keys optgate makes itself for domains that have none configured.
+pub const GENERATED_SELECTOR: &str = "optgate";
+
+/// The configured keys, plus those optgate generated into `{data_dir}/dkim/` for
+/// From domains that had none (`dkim.generate_missing`), so mail is always signed.
+pub struct KeyRing {
+    signers: RwLock<Signers>,
+    /// Where generated keys live; None when generation is off.
+    generated_dir: Option<PathBuf>,
+}
+
+impl KeyRing {
+    /// Loads every configured key and every key generated earlier.
+    pub fn load(config: &crate::config::DkimConfig, data_dir: &Path) -> Result<KeyRing, DkimError> {
+        let mut signers = Signers::default();
+        for k in &config.keys {
+            signers.add_key_file(&k.domain, &k.selector, k.algorithm, &k.private_key)?;
+        }
+        let generated_dir = config.generate_missing.then(|| data_dir.join("dkim"));
+        if let Some(dir) = &generated_dir
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Some(domain) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".pem"))
+                else {
+                    continue;
+                };
+                if !signers.has_domain(domain) {
+                    signers.add_key_file(
+                        domain,
+                        GENERATED_SELECTOR,
+                        Algorithm::RsaSha256,
+                        &path,
+                    )?;
+                }
+            }
+        }
+        Ok(KeyRing {
+            signers: RwLock::new(signers),
+            generated_dir,
+        })
+    }
+
+    /// Signs with the From domain's keys, first generating one if the domain has
+    /// none and generation is on. Slow the first time for a domain (RSA key
+    /// generation): call it off the async runtime.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, DkimError> {
+        let poisoned = || DkimError::Sign("the key ring lock was poisoned".into());
+        if let (Some(dir), Some(domain)) = (&self.generated_dir, from_domain(message))
+            && !self
+                .signers
+                .read()
+                .map_err(|_| poisoned())?
+                .has_domain(&domain)
+            && crate::address::Address::parse(&format!("x@{domain}")).is_ok()
+        {
+            let mut signers = self.signers.write().map_err(|_| poisoned())?;
+            if !signers.has_domain(&domain) {
+                let path = generate_into(dir, &domain)?;
+                signers.add_key_file(&domain, GENERATED_SELECTOR, Algorithm::RsaSha256, &path)?;
+            }
+        }
+        self.signers.read().map_err(|_| poisoned())?.sign(message)
+    }
+}
+
+/// Makes and stores an RSA key for `domain`, and asks the operator to publish it.
+fn generate_into(dir: &Path, domain: &str) -> Result<PathBuf, DkimError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("{domain}.pem"));
+    let err = |e: std::io::Error| DkimError::Key {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    };
+    let key = generate(domain, GENERATED_SELECTOR, Algorithm::RsaSha256)?;
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    file.write_all(key.private_pem.as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)?;
+    tracing::warn!(
+        domain,
+        key = %path.display(),
+        "generated a DKIM key for a From domain that had none; publish this DNS record: {}",
+        key.dns_record
+    );
+    Ok(path)
+}
+
 fn configure<T: mail_auth::common::crypto::SigningKey>(
     s: DkimSigner<T, Done>,
 ) -> DkimSigner<T, Done> {
@@ -227,6 +329,41 @@ mod tests {
 
     const MSG: &[u8] =
         b"From: Shop <news@Example.COM>\r\nTo: a@example.net\r\nSubject: Hi\r\n\r\nHello\r\n";
+
+    #[test]
+    fn the_key_ring_generates_a_key_once_per_new_domain_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::DkimConfig {
+            keys: Vec::new(),
+            generate_missing: true,
+        };
+        let ring = KeyRing::load(&config, dir.path()).unwrap();
+        let signed = ring.sign(MSG).unwrap();
+        assert!(String::from_utf8_lossy(&signed).contains("s=optgate"));
+        let key_file = dir.path().join("dkim/example.com.pem");
+        let pem = std::fs::read(&key_file).unwrap();
+        ring.sign(MSG).unwrap();
+        assert_eq!(
+            std::fs::read(&key_file).unwrap(),
+            pem,
+            "no second key for the same domain"
+        );
+        // After a restart the same key is used.
+        let again = KeyRing::load(&config, dir.path()).unwrap();
+        assert!(again.signers.read().unwrap().has_domain("example.com"));
+
+        let off = crate::config::DkimConfig {
+            keys: Vec::new(),
+            generate_missing: false,
+        };
+        let other = tempfile::tempdir().unwrap();
+        let ring = KeyRing::load(&off, other.path()).unwrap();
+        assert_eq!(
+            ring.sign(MSG).unwrap(),
+            MSG.to_vec(),
+            "no key and no generation: unsigned"
+        );
+    }
 
     #[test]
     fn from_domain_reads_the_address() {

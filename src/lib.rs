@@ -22,3 +22,4 @@ pub mod serve;
 pub mod spool;
 pub mod store;
 pub mod token;
+pub mod web;

@@ -31,6 +31,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         // Needs no config: it is how one writes the config.
         return optgate::cli::hash_password();
     }
+    if let Command::Dkim(optgate::cli::DkimCommand::Keygen {
+        domain,
+        selector,
+        algorithm,
+        out,
+    }) = &cli.command
+    {
+        return optgate::cli::dkim_keygen(domain, selector, *algorithm, out);
+    }
     let config = Config::load(&cli.config)?;
     match cli.command {
         Command::Serve => tokio::runtime::Builder::new_multi_thread()

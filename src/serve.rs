@@ -7,11 +7,15 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::delivery::CopyMaker;
+use crate::dkim::KeyRing;
 use crate::inbound::{self, Inbound};
 use crate::policy::Policy;
 use crate::relay::Relay;
 use crate::spool::Spool;
 use crate::store::{SqliteStore, Store};
+use crate::token::TokenKeys;
+use crate::web::{self, Web};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -26,6 +30,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.storage.fsync,
     )?);
     let relay = Relay::new(&config.upstream, &config.smtp.hostname)?;
+    let tokens = Arc::new(TokenKeys::load_or_create(&config.storage.data_dir)?);
+    let dkim = Arc::new(KeyRing::load(&config.dkim, &config.storage.data_dir)?);
+    let copies = CopyMaker::new(config.clone(), store.clone(), tokens.clone(), dkim);
 
     let (spool, ready, spool_writer) = Spool::start(store.clone());
     let shutdown = CancellationToken::new();
@@ -33,6 +40,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.clone(),
         store.clone(),
         relay,
+        copies,
         spool.clone(),
         ready,
         shutdown.child_token(),
@@ -42,25 +50,42 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         policy: Policy::new(store.clone()),
         spool,
     });
-    let mut smtp = tokio::spawn(inbound::serve(inbound, shutdown.child_token()));
+    let web = Arc::new(Web {
+        config: config.clone(),
+        store: store.clone(),
+        tokens,
+    });
+    // A listener that fails (a port already in use) stops everything, like a signal.
+    let listeners = {
+        let stop_all = shutdown.clone();
+        let smtp = inbound::serve(inbound, shutdown.child_token());
+        let http = web::serve(web, shutdown.child_token());
+        tokio::spawn(async move {
+            let stop_on_error = |r: anyhow::Result<()>| {
+                if r.is_err() {
+                    stop_all.cancel();
+                }
+                r
+            };
+            tokio::join!(async { stop_on_error(smtp.await) }, async {
+                stop_on_error(http.await)
+            })
+        })
+    };
 
-    let early_end = tokio::select! {
+    tokio::select! {
         _ = wait_for_signal() => {
             tracing::info!("shutting down: no new connections; finishing what is in flight");
-            None
         }
-        // The listeners end on their own only when they fail (a port already in use).
-        r = &mut smtp => Some(r),
-    };
+        _ = shutdown.cancelled() => {}
+    }
     shutdown.cancel();
-    let smtp_result = match early_end {
-        Some(r) => r,
-        None => smtp.await,
-    };
+    let (smtp_result, http_result) = listeners.await.context("listener task")?;
     delivery.await.context("delivery task")?;
     // Every Spool handle is gone now, so the writer commits what it holds and ends.
     spool_writer.await.context("spool writer")?;
-    smtp_result.context("smtp listener task")??;
+    smtp_result.context("smtp")?;
+    http_result.context("http")?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

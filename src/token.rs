@@ -180,6 +180,136 @@ impl TokenKeys {
     }
 }
 
+// ---- the key file -----------------------------------------------------------------
+//
+// `{data_dir}/token-keys`, mode 0600, one key a line: `ID ACCEPT_UNTIL SECRET`, where
+// ACCEPT_UNTIL is `-` for the key in service or the Unix second its links expire,
+// and SECRET is 32 random bytes in base64url.
+
+const KEY_FILE: &str = "token-keys";
+
+impl TokenKeys {
+    /// Reads the key file in `data_dir`, creating it with one fresh key if absent.
+    pub fn load_or_create(data_dir: &std::path::Path) -> Result<TokenKeys, TokenError> {
+        let path = data_dir.join(KEY_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => parse_key_file(&text)
+                .map_err(|e| TokenError::Keys(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let keys = vec![(1, None, random_secret())];
+                write_key_file(&path, &keys)?;
+                tracing::info!(path = %path.display(), "generated the token signing key");
+                keys_from(keys)
+            }
+            Err(e) => Err(TokenError::Keys(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    /// Puts a new key in service; links signed with the others keep working until
+    /// `now + validity`. Returns the new key's id.
+    pub fn rotate(
+        data_dir: &std::path::Path,
+        now: i64,
+        validity: std::time::Duration,
+    ) -> Result<u8, TokenError> {
+        let path = data_dir.join(KEY_FILE);
+        Self::load_or_create(data_dir)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| TokenError::Keys(e.to_string()))?;
+        let mut keys = parse_lines(&text)?;
+        let until = now.saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX));
+        // Keys whose links have expired are of no more use: drop them.
+        keys.retain(|(_, accept_until, _)| accept_until.is_none_or(|t| t > now));
+        for key in keys.iter_mut().filter(|k| k.1.is_none()) {
+            key.1 = Some(until);
+        }
+        let id = keys
+            .iter()
+            .map(|k| k.0)
+            .max()
+            .map(|m| m.wrapping_add(1).max(1))
+            .unwrap_or(1);
+        if keys.iter().any(|k| k.0 == id) {
+            return Err(TokenError::Keys(
+                "every key id is in use; wait for old keys to expire".into(),
+            ));
+        }
+        keys.push((id, None, random_secret()));
+        write_key_file(&path, &keys)?;
+        Ok(id)
+    }
+}
+
+type KeyLine = (u8, Option<i64>, Vec<u8>);
+
+fn random_secret() -> Vec<u8> {
+    let mut secret = vec![0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    secret
+}
+
+fn parse_lines(text: &str) -> Result<Vec<KeyLine>, TokenError> {
+    let bad =
+        |n: usize| TokenError::Keys(format!("line {}: expected `ID ACCEPT_UNTIL SECRET`", n + 1));
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|(n, line)| {
+            let mut fields = line.split_whitespace();
+            let (Some(id), Some(until), Some(secret), None) =
+                (fields.next(), fields.next(), fields.next(), fields.next())
+            else {
+                return Err(bad(n));
+            };
+            let id = id.parse::<u8>().map_err(|_| bad(n))?;
+            let until = match until {
+                "-" => None,
+                t => Some(t.parse::<i64>().map_err(|_| bad(n))?),
+            };
+            let secret = URL_SAFE_NO_PAD.decode(secret).map_err(|_| bad(n))?;
+            Ok((id, until, secret))
+        })
+        .collect()
+}
+
+fn parse_key_file(text: &str) -> Result<TokenKeys, TokenError> {
+    keys_from(parse_lines(text)?)
+}
+
+fn keys_from(lines: Vec<KeyLine>) -> Result<TokenKeys, TokenError> {
+    TokenKeys::new(
+        lines
+            .into_iter()
+            .map(|(id, until, secret)| TokenKey::new(id, &secret, until))
+            .collect::<Result<_, _>>()?,
+    )
+}
+
+fn write_key_file(path: &std::path::Path, keys: &[KeyLine]) -> Result<(), TokenError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| TokenError::Keys(format!("{}: {e}", path.display()));
+    let mut text =
+        String::from("# optgate token signing keys: ID ACCEPT_UNTIL SECRET. Keep secret.\n");
+    for (id, until, secret) in keys {
+        let until = until.map_or("-".to_string(), |t| t.to_string());
+        text.push_str(&format!(
+            "{id} {until} {}\n",
+            URL_SAFE_NO_PAD.encode(secret)
+        ));
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +357,37 @@ mod tests {
         assert_eq!(other.verify(&t, 0), Err(TokenError::Invalid));
         assert_eq!(k.verify("not a token!", 0), Err(TokenError::Invalid));
         assert_eq!(k.verify("", 0), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn the_key_file_is_created_once_and_rotation_keeps_old_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = TokenKeys::load_or_create(dir.path()).unwrap();
+        let t = first.issue(Claims {
+            kind: TokenKind::Unsubscribe,
+            subject: 3,
+            scope: 4,
+        });
+        let again = TokenKeys::load_or_create(dir.path()).unwrap();
+        assert!(again.verify(&t, 0).is_ok(), "the same key is read back");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let id = TokenKeys::rotate(dir.path(), 1000, std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(id, 2);
+        let rotated = TokenKeys::load_or_create(dir.path()).unwrap();
+        assert!(rotated.verify(&t, 1060).is_ok());
+        assert_eq!(rotated.verify(&t, 1061), Err(TokenError::Invalid));
+        let fresh = rotated.issue(Claims {
+            kind: TokenKind::Unsubscribe,
+            subject: 3,
+            scope: 4,
+        });
+        assert_ne!(fresh, t);
     }
 
     #[test]

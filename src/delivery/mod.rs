@@ -9,6 +9,7 @@
 //! of one message are gathered into one bounce report ([`dsn`]), spooled before the
 //! failures are recorded, so that a crash in between repeats a bounce, never loses it.
 
+mod copy;
 pub mod dsn;
 mod recorder;
 pub mod schedule;
@@ -27,11 +28,12 @@ use crate::address::Address;
 use crate::clock;
 use crate::config::Config;
 use crate::relay::{Relay, RelayError};
-use crate::rewrite;
 use crate::spool::{self, Ready, Spool};
 use crate::store::{
     DeliveryOutcome, NewMessage, OutcomeKind, QueuedMessage, RecipientDecision, Store,
 };
+pub use copy::CopyMaker;
+use copy::Template;
 use schedule::{Failure, Verdict};
 
 /// The reserved purpose of optgate's own bounce reports.
@@ -58,6 +60,7 @@ pub fn start(
     config: Arc<Config>,
     store: Arc<dyn Store>,
     relay: Relay,
+    copies: CopyMaker,
     spool: Spool,
     ready: mpsc::UnboundedReceiver<Ready>,
     shutdown: CancellationToken,
@@ -68,6 +71,7 @@ pub fn start(
         config,
         store,
         relay: Arc::new(relay),
+        copies: Arc::new(copies),
         spool,
         outcomes,
         timers: BinaryHeap::new(),
@@ -131,10 +135,13 @@ impl Ord for Timer {
 /// A message body shared by its recipients: filled by the first attempt that needs
 /// it (or by the spool, for a message just committed).
 type Body = Arc<OnceCell<Arc<QueuedMessage>>>;
+/// What the rewrite prepares once per message, shared like the body.
+type SharedTemplate = Arc<OnceCell<Arc<Template>>>;
 
 /// A message with recipients due or in flight.
 struct Slot {
     body: Body,
+    template: SharedTemplate,
     /// Recipients of this message in the due queue or in flight.
     users: usize,
     /// Bytes counted against [`READY_BODY_BUDGET`].
@@ -148,6 +155,7 @@ impl Slot {
     fn new(body: Body, budget_bytes: usize) -> Slot {
         Slot {
             body,
+            template: Arc::new(OnceCell::new()),
             users: 0,
             budget_bytes,
             failures: Vec::new(),
@@ -166,10 +174,12 @@ enum AttemptResult {
     Sent {
         message: Arc<QueuedMessage>,
         result: Result<String, RelayError>,
+        /// What the rewrite did, for the delivery event.
+        notes: String,
     },
     /// The store no longer has the message.
     Gone,
-    /// The store could not be read.
+    /// The store could not be read, or the copy not made (its link or signature).
     Unavailable(String),
 }
 
@@ -182,6 +192,7 @@ struct Scheduler {
     config: Arc<Config>,
     store: Arc<dyn Store>,
     relay: Arc<Relay>,
+    copies: Arc<CopyMaker>,
     spool: Spool,
     outcomes: mpsc::UnboundedSender<DeliveryOutcome>,
     concurrency: usize,
@@ -359,7 +370,9 @@ impl Scheduler {
             let task = attempt(
                 self.store.clone(),
                 self.relay.clone(),
+                self.copies.clone(),
                 slot.body.clone(),
+                slot.template.clone(),
                 delivery.clone(),
             );
             let handle = self.in_flight.spawn(task);
@@ -390,7 +403,11 @@ impl Scheduler {
         };
         let id = delivery.message_id.clone();
         match result {
-            AttemptResult::Sent { message, result } => self.judge(delivery, message, result),
+            AttemptResult::Sent {
+                message,
+                result,
+                notes,
+            } => self.judge(delivery, message, result, notes),
             AttemptResult::Gone => {
                 tracing::warn!(
                     queue_id = %delivery.message_id,
@@ -404,7 +421,7 @@ impl Scheduler {
                     recipient = %delivery.recipient,
                     %error,
                     retry_in = ?STORE_RETRY,
-                    "cannot read the message from the store"
+                    "cannot read the message or make its copy; will try again"
                 );
                 self.schedule_in(STORE_RETRY, delivery);
             }
@@ -417,6 +434,7 @@ impl Scheduler {
         delivery: Delivery,
         message: Arc<QueuedMessage>,
         result: Result<String, RelayError>,
+        notes: String,
     ) {
         let now = clock::now();
         let verdict = schedule::decide(
@@ -429,6 +447,11 @@ impl Scheduler {
         let kind = match verdict {
             Verdict::Delivered { reply } => {
                 tracing::debug!(queue_id = %delivery.message_id, recipient = %delivery.recipient, %reply, "delivered");
+                let reply = if notes.is_empty() {
+                    reply
+                } else {
+                    format!("{reply} ({notes})")
+                };
                 OutcomeKind::Delivered { reply }
             }
             Verdict::Deferred {
@@ -663,14 +686,20 @@ fn failed(failure: Failure) -> OutcomeKind {
     }
 }
 
-/// One attempt: the message (shared by its recipients, read once), this recipient's
-/// copy, and the upstream's answer.
+/// One attempt: the message (shared by its recipients, read once), its rewrite
+/// template (prepared once), this recipient's signed copy, and the upstream's answer.
 async fn attempt(
     store: Arc<dyn Store>,
     relay: Arc<Relay>,
+    copies: Arc<CopyMaker>,
     body: Body,
+    template: SharedTemplate,
     delivery: Delivery,
 ) -> Attempted {
+    let unavailable = |delivery, e: String| Attempted {
+        delivery,
+        result: AttemptResult::Unavailable(e),
+    };
     let loaded = body
         .get_or_try_init(|| load(store, delivery.message_id.clone()))
         .await;
@@ -682,20 +711,38 @@ async fn attempt(
                 result: AttemptResult::Gone,
             };
         }
-        Err(LoadError::Unavailable(e)) => {
-            return Attempted {
-                delivery,
-                result: AttemptResult::Unavailable(e),
-            };
-        }
+        Err(LoadError::Unavailable(e)) => return unavailable(delivery, e),
     };
-    let copy = rewrite::personalise(&message.body);
+    let prepared =
+        template
+            .get_or_try_init(|| {
+                let (copies, message) = (copies.clone(), message.clone());
+                async move {
+                    tokio::task::spawn_blocking(move || Arc::new(copies.template(&message))).await
+                }
+            })
+            .await;
+    let template = match prepared {
+        Ok(t) => t.clone(),
+        Err(e) => return unavailable(delivery, format!("preparing the copy panicked: {e}")),
+    };
+    let (m, recipient) = (message.clone(), delivery.recipient.clone());
+    let made = tokio::task::spawn_blocking(move || copies.make(&template, &m, &recipient)).await;
+    let copy = match made {
+        Ok(Ok(copy)) => copy,
+        Ok(Err(e)) => return unavailable(delivery, e.to_string()),
+        Err(e) => return unavailable(delivery, format!("making the copy panicked: {e}")),
+    };
     let result = relay
-        .send(&message.sender, &delivery.recipient, &copy)
+        .send(&message.sender, &delivery.recipient, &copy.bytes)
         .await;
     Attempted {
         delivery,
-        result: AttemptResult::Sent { message, result },
+        result: AttemptResult::Sent {
+            message,
+            result,
+            notes: copy.notes,
+        },
     }
 }
 

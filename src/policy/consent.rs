@@ -140,6 +140,9 @@ mod tests {
             basis,
             expires_after_days,
             description: String::new(),
+            locale: "en".into(),
+            footer_text: None,
+            footer_html: None,
         }
     }
     fn ev(id: i64, action: ConsentAction, at: i64) -> Option<LatestEvent> {

@@ -37,6 +37,11 @@ pub struct Purpose {
     pub basis: Basis,
     pub expires_after_days: Option<u32>,
     pub description: String,
+    /// Language of the footer and pages for this purpose's mail ("en", "fr").
+    pub locale: String,
+    /// Footer templates overriding the default ({unsubscribe_url}, {preferences_url}).
+    pub footer_text: Option<String>,
+    pub footer_html: Option<String>,
 }
 
 /// What the message and its session say about the purpose.

@@ -16,11 +16,14 @@ use crate::clock;
 /// The schema, one entry per version: `PRAGMA user_version` counts the entries
 /// applied, so a later release appends an entry and older files catch up on open.
 const MIGRATIONS: &[&str] = &[r"
+    -- The id is what unsubscribe and preference tokens carry instead of the address;
+    -- INTEGER PRIMARY KEY keeps it stable for the contact's whole life.
     CREATE TABLE contacts (
-        address TEXT PRIMARY KEY NOT NULL,
+        id INTEGER PRIMARY KEY,
+        address TEXT NOT NULL UNIQUE,
         customer INTEGER NOT NULL DEFAULT 0 CHECK (customer IN (0, 1)),
         created_at INTEGER NOT NULL
-    ) WITHOUT ROWID;
+    );
 
     -- The proof of every consent and withdrawal. Ids order events even within a
     -- second, and AUTOINCREMENT keeps an id from ever being reused.
@@ -134,7 +137,7 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        writer.pragma_update(None, "synchronous", if fsync { "FULL" } else { "OFF" })?;
+        writer.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
         writer.pragma_update(None, "foreign_keys", true)?;
         migrate(&mut writer)?;
         Ok(SqliteStore {
@@ -428,6 +431,40 @@ impl Store for SqliteStore {
         })
     }
 
+    fn contact_id(&self, address: &Address) -> Result<i64, StoreError> {
+        let known = self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT id FROM contacts WHERE address = ?1")?
+                .query_row([address.as_str()], |row| row.get(0))
+                .optional()?)
+        })?;
+        if let Some(id) = known {
+            return Ok(id);
+        }
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO contacts (address, customer, created_at) VALUES (?1, 0, ?2)
+                 ON CONFLICT DO NOTHING",
+            )?
+            .execute(params![address.as_str(), clock::now()])?;
+            Ok(tx
+                .prepare_cached("SELECT id FROM contacts WHERE address = ?1")?
+                .query_row([address.as_str()], |row| row.get(0))?)
+        })
+    }
+
+    fn contact_address(&self, id: i64) -> Result<Option<Address>, StoreError> {
+        let stored: Option<String> = self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT address FROM contacts WHERE id = ?1")?
+                .query_row([id], |row| row.get(0))
+                .optional()?)
+        })?;
+        stored
+            .map(|a| Address::parse(&a).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
     fn enqueue(&self, batch: &[NewMessage]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
@@ -440,6 +477,11 @@ impl Store for SqliteStore {
             let mut message = tx.prepare_cached(
                 "INSERT INTO messages (id, sender, purpose, received_at, body)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            // Everyone mailed becomes a contact, so their copy's token can name them.
+            let mut contact = tx.prepare_cached(
+                "INSERT INTO contacts (address, customer, created_at) VALUES (?1, 0, ?2)
+                 ON CONFLICT DO NOTHING",
             )?;
             // A recipient named twice in the envelope gets one copy, not a failed batch.
             let mut delivery = tx.prepare_cached(
@@ -467,6 +509,7 @@ impl Store for SqliteStore {
                         m.body.as_slice()
                     ])?;
                     for r in new.recipients.iter().filter(|r| r.allowed) {
+                        contact.execute(params![r.address.as_str(), m.received_at])?;
                         delivery.execute(params![m.id, r.address.as_str(), m.received_at])?;
                     }
                 }
@@ -689,6 +732,41 @@ mod tests {
 
     fn kinds(events: &[Event]) -> Vec<&str> {
         events.iter().map(|e| e.kind.as_str()).collect()
+    }
+
+    #[test]
+    fn contacts_have_stable_numbers_and_every_allowed_recipient_becomes_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let a = addr("first@example.com");
+        let id = store.contact_id(&a).unwrap();
+        assert_eq!(
+            store.contact_id(&a).unwrap(),
+            id,
+            "asking again gives the same number"
+        );
+        assert_eq!(store.contact_address(id).unwrap(), Some(a));
+        assert_eq!(store.contact_address(id + 1000).unwrap(), None);
+
+        store
+            .enqueue(&[message(
+                "M1",
+                10,
+                &[("mailed@example.com", true), ("dropped@example.com", false)],
+            )])
+            .unwrap();
+        let mailed = store.contact_id(&addr("mailed@example.com")).unwrap();
+        assert_eq!(
+            store.contact_address(mailed).unwrap().unwrap().as_str(),
+            "mailed@example.com"
+        );
+        assert!(
+            store
+                .contact(&addr("dropped@example.com"))
+                .unwrap()
+                .is_none(),
+            "a suppressed recipient is not made a contact"
+        );
     }
 
     #[test]

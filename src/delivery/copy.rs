@@ -1,0 +1,146 @@
+//! One recipient's copy, made just before relay: the message's rewrite template
+//! (prepared once per message), this recipient's signed links, and the DKIM signature.
+//!
+//! Marketing mail gets List-Unsubscribe headers and a body link; transactional mail
+//! and our own bounce reports get nothing but the removal of X-Optgate-* headers.
+//! Every copy is signed. The work is CPU and SQLite: callers run it on the blocking pool.
+
+use std::sync::Arc;
+
+use crate::address::Address;
+use crate::config::Config;
+use crate::dkim::KeyRing;
+use crate::policy::Basis;
+use crate::rewrite::{self, BodyLink, Footer, Links, Prepared};
+use crate::store::{QueuedMessage, Store, StoreError};
+use crate::token::{Claims, TokenKeys, TokenKind, purpose_tag};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("cannot name the recipient in the unsubscribe link: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Dkim(#[from] crate::dkim::DkimError),
+}
+
+/// What is the same for every recipient of one message.
+pub enum Template {
+    /// Transactional purposes, and optgate's own bounce reports.
+    AsIs,
+    Marketing {
+        purpose_tag: u32,
+        prepared: Box<Prepared>,
+    },
+}
+
+/// A finished copy, and what the rewrite did worth keeping in the delivery event.
+pub struct Copy {
+    pub bytes: Vec<u8>,
+    pub notes: String,
+}
+
+pub struct CopyMaker {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    tokens: Arc<TokenKeys>,
+    dkim: Arc<KeyRing>,
+}
+
+impl CopyMaker {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        tokens: Arc<TokenKeys>,
+        dkim: Arc<KeyRing>,
+    ) -> CopyMaker {
+        CopyMaker {
+            config,
+            store,
+            tokens,
+            dkim,
+        }
+    }
+
+    /// Parses the message once for all its recipients.
+    pub fn template(&self, message: &QueuedMessage) -> Template {
+        let Some(purpose) = self
+            .config
+            .purpose(&message.purpose)
+            .filter(|p| p.basis != Basis::Transactional)
+        else {
+            // Transactional, our own "dsn", or a purpose removed from the config since
+            // the message was queued: no link we could honour, so none.
+            return Template::AsIs;
+        };
+        let default = Footer::default_for(&purpose.locale, &purpose.name);
+        let footer = Footer {
+            text: purpose.footer_text.clone().unwrap_or(default.text),
+            html: purpose.footer_html.clone().unwrap_or(default.html),
+        };
+        Template::Marketing {
+            purpose_tag: purpose_tag(&purpose.id),
+            prepared: Box::new(Prepared::new(
+                &message.body,
+                &footer,
+                &self.config.smtp.hostname,
+            )),
+        }
+    }
+
+    /// The signed copy for `recipient`.
+    pub fn make(
+        &self,
+        template: &Template,
+        message: &QueuedMessage,
+        recipient: &str,
+    ) -> Result<Copy, CopyError> {
+        let (unsigned, notes) = match template {
+            Template::AsIs => (rewrite::transactional(&message.body), String::new()),
+            Template::Marketing {
+                purpose_tag,
+                prepared,
+            } => {
+                let address =
+                    Address::parse(recipient).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let contact = self.store.contact_id(&address)?;
+                let token = self.tokens.issue(Claims {
+                    kind: TokenKind::Unsubscribe,
+                    subject: u64::try_from(contact)
+                        .map_err(|_| StoreError::Corrupt(format!("contact id {contact}")))?,
+                    scope: *purpose_tag,
+                });
+                let unsubscribe = format!("{}/u/{token}", self.config.http.public_url);
+                let mailto = self
+                    .config
+                    .unsubscribe
+                    .mailto
+                    .as_ref()
+                    .map(|m| format!("mailto:{m}?subject=unsubscribe%20{token}"));
+                let rendered = prepared.render(&Links {
+                    unsubscribe: &unsubscribe,
+                    preferences: None,
+                    mailto: mailto.as_deref(),
+                });
+                (rendered.bytes, notes(prepared, &rendered.body_link))
+            }
+        };
+        Ok(Copy {
+            bytes: self.dkim.sign(&unsigned)?,
+            notes,
+        })
+    }
+}
+
+/// "body link: footer; replaced the mailer's List-Unsubscribe: <…>"
+fn notes(prepared: &Prepared, body_link: &BodyLink) -> String {
+    let link = match body_link {
+        BodyLink::Placeholder => "body link: at the placeholder",
+        BodyLink::Footer => "body link: footer",
+        BodyLink::SkippedSigned => "body link: skipped (signed or encrypted message)",
+        BodyLink::NoTextPart => "body link: none (no text part)",
+    };
+    match prepared.replaced_list_unsubscribe() {
+        Some(old) => format!("{link}; replaced the mailer's List-Unsubscribe: {old}"),
+        None => link.to_string(),
+    }
+}
