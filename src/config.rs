@@ -39,6 +39,9 @@ pub struct Config {
     pub dkim: DkimConfig,
     pub tokens: TokensConfig,
     pub unsubscribe: UnsubscribeConfig,
+    pub api: ApiConfig,
+    pub webhooks: Vec<WebhookConfig>,
+    pub double_opt_in: DoubleOptInConfig,
     pub default_purpose: String,
     pub purposes: Vec<Purpose>,
 }
@@ -167,6 +170,32 @@ pub struct UnsubscribeConfig {
     pub rate_limit_per_minute: u32,
 }
 
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Bearer tokens accepted by /api/v1 (and /metrics); none means the API is off.
+    pub tokens: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// Signs each delivery (HMAC-SHA256), so the receiver knows it came from us.
+    pub secret: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct DoubleOptInConfig {
+    /// How long a confirmation link works.
+    pub link_validity: Duration,
+    /// The From of the confirmation mail.
+    pub from: String,
+    /// The envelope sender of the confirmation mail (bounces go there); empty: null.
+    pub sender: String,
+    /// Sign-ups accepted per address per day, and per IP per hour (beyond: no mail).
+    pub max_per_address_per_day: u32,
+    pub max_per_ip_per_hour: u32,
+}
+
 // ---- the file as written ---------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -191,7 +220,49 @@ struct RawConfig {
     #[serde(default)]
     unsubscribe: RawUnsubscribe,
     #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    webhook: Vec<RawWebhook>,
+    #[serde(default)]
+    double_opt_in: RawDoubleOptIn,
+    #[serde(default)]
     purpose: Vec<RawPurpose>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    #[serde(default)]
+    tokens: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    secret: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDoubleOptIn {
+    link_validity: String,
+    from: String,
+    sender: String,
+    max_per_address_per_day: u32,
+    max_per_ip_per_hour: u32,
+}
+
+impl Default for RawDoubleOptIn {
+    fn default() -> Self {
+        RawDoubleOptIn {
+            link_validity: "7d".into(),
+            from: "optgate <noreply@localhost>".into(),
+            sender: String::new(),
+            max_per_address_per_day: 3,
+            max_per_ip_per_hour: 30,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -400,6 +471,8 @@ struct RawPurpose {
     locale: String,
     footer_text: Option<String>,
     footer_html: Option<String>,
+    #[serde(default)]
+    public: bool,
 }
 
 fn default_locale() -> String {
@@ -543,6 +616,9 @@ impl Validator<'_> {
                 format!("'{m}' is not an email address"),
             ));
         }
+        let api = self.api(raw.api)?;
+        let webhooks = self.webhooks(raw.webhook)?;
+        let double_opt_in = self.double_opt_in(raw.double_opt_in)?;
         if raw.unsubscribe.rate_limit_per_minute == 0 {
             return Err(self.err(
                 "unsubscribe.rate_limit_per_minute",
@@ -562,6 +638,9 @@ impl Validator<'_> {
                 mailto: raw.unsubscribe.mailto,
                 rate_limit_per_minute: raw.unsubscribe.rate_limit_per_minute,
             },
+            api,
+            webhooks,
+            double_opt_in,
             default_purpose,
             purposes,
         })
@@ -592,6 +671,13 @@ impl Validator<'_> {
             if out.iter().any(|q| q.id == p.id) {
                 return Err(self.err(key, format!("purpose '{}' is defined twice", p.id)));
             }
+            for (key, template) in [("footer_text", &p.footer_text), ("footer_html", &p.footer_html)] {
+                if let Some(t) = template
+                    && !t.contains("{unsubscribe_url}")
+                {
+                    return Err(self.err(format!("purpose[{i}].{key}"), "must contain {unsubscribe_url}: every message offers a way to object"));
+                }
+            }
             if p.expires_after_days.is_some() && p.basis != Basis::Consent {
                 return Err(self.err(
                     format!("purpose[{i}].expires_after_days"),
@@ -607,6 +693,7 @@ impl Validator<'_> {
                 locale: p.locale,
                 footer_text: p.footer_text,
                 footer_html: p.footer_html,
+                public: p.public,
             });
         }
         Ok(out)
@@ -766,6 +853,44 @@ impl Validator<'_> {
         Ok(DkimConfig {
             keys,
             generate_missing: raw.generate_missing,
+        })
+    }
+
+    fn api(&self, raw: RawApi) -> Result<ApiConfig, ConfigError> {
+        if let Some(i) = raw.tokens.iter().position(|t| t.len() < 24) {
+            return Err(self.err(format!("api.tokens[{i}]"), "a token needs at least 24 characters (e.g. `openssl rand -hex 24`)"));
+        }
+        Ok(ApiConfig { tokens: raw.tokens })
+    }
+
+    fn webhooks(&self, raw: Vec<RawWebhook>) -> Result<Vec<WebhookConfig>, ConfigError> {
+        raw.into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                    return Err(self.err(format!("webhook[{i}].url"), format!("'{}' is not an http(s) URL", w.url)));
+                }
+                if w.secret.len() < 16 {
+                    return Err(self.err(format!("webhook[{i}].secret"), "a secret needs at least 16 characters"));
+                }
+                Ok(WebhookConfig { url: w.url, secret: w.secret })
+            })
+            .collect()
+    }
+
+    fn double_opt_in(&self, raw: RawDoubleOptIn) -> Result<DoubleOptInConfig, ConfigError> {
+        if !raw.sender.is_empty() && crate::address::Address::parse(&raw.sender).is_err() {
+            return Err(self.err("double_opt_in.sender", format!("'{}' is not an email address", raw.sender)));
+        }
+        if !raw.from.contains('@') {
+            return Err(self.err("double_opt_in.from", format!("'{}' has no address", raw.from)));
+        }
+        Ok(DoubleOptInConfig {
+            link_validity: self.duration("double_opt_in.link_validity", &raw.link_validity)?,
+            from: raw.from,
+            sender: raw.sender,
+            max_per_address_per_day: raw.max_per_address_per_day,
+            max_per_ip_per_hour: raw.max_per_ip_per_hour,
         })
     }
 

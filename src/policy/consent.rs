@@ -31,6 +31,8 @@ pub enum SuppressReason {
     NotCustomer,
     /// On the suppression list (a hard bounce): nothing at all may be sent.
     Suppressed,
+    /// The person had their data erased: they are never mailed again.
+    Erased,
 }
 
 impl SuppressReason {
@@ -42,6 +44,7 @@ impl SuppressReason {
             SuppressReason::Objected => "objected",
             SuppressReason::NotCustomer => "not a customer",
             SuppressReason::Suppressed => "suppressed",
+            SuppressReason::Erased => "erased",
         }
     }
 }
@@ -72,6 +75,9 @@ impl Decision {
 
 /// Decides whether `purpose` mail may go to the person described by `facts` at `now`.
 pub fn decide(purpose: &Purpose, facts: &ConsentFacts, now: i64) -> Decision {
+    if facts.erased {
+        return Decision::Suppress(SuppressReason::Erased);
+    }
     if facts.suppression.is_some() {
         return Decision::Suppress(SuppressReason::Suppressed);
     }
@@ -143,6 +149,7 @@ mod tests {
             locale: "en".into(),
             footer_text: None,
             footer_html: None,
+            public: false,
         }
     }
     fn ev(id: i64, action: ConsentAction, at: i64) -> Option<LatestEvent> {
@@ -248,6 +255,11 @@ mod tests {
             suppression: Some("hard bounce".into()),
             ..Default::default()
         };
+        let erased = ConsentFacts {
+            erased: true,
+            ..Default::default()
+        };
+        assert_eq!(decide(&t, &erased, 20), Decision::Suppress(SuppressReason::Erased));
         assert_eq!(
             decide(&t, &bounced, 20),
             Decision::Suppress(SuppressReason::Suppressed)

@@ -42,6 +42,8 @@ pub struct Purpose {
     /// Footer templates overriding the default ({unsubscribe_url}, {preferences_url}).
     pub footer_text: Option<String>,
     pub footer_html: Option<String>,
+    /// Listed in the preference centre and open to sign-ups.
+    pub public: bool,
 }
 
 /// What the message and its session say about the purpose.

@@ -93,6 +93,8 @@ pub struct LatestEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConsentFacts {
     pub customer: bool,
+    /// The person asked to be forgotten: never mail them again, for any purpose.
+    pub erased: bool,
     /// The suppression-list reason, if the address is on it.
     pub suppression: Option<String>,
     pub purpose_event: Option<LatestEvent>,
@@ -199,14 +201,76 @@ pub struct QueueEntry {
 /// One entry of the event log: a decision, a delivery result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
+    /// Grows with every event: the cursor of the admin API and of webhooks.
     pub id: i64,
     pub at: i64,
-    /// "decision", "delivered", "deferred", "bounced".
+    /// One of the `EVENT_*` kinds.
     pub kind: String,
     pub message_id: Option<String>,
+    /// Empty for `contact.forgotten`, which never names the person.
     pub address: String,
     pub purpose: Option<String>,
     pub detail: String,
+    /// Who caused it: the submitting account/IP for decisions, the consent event's
+    /// source for consent changes.
+    pub origin: Option<String>,
+}
+
+// The kinds of event. Decisions and delivery results are written by enqueue and
+// record_outcomes; consent changes by every method that appends to the history
+// (detail = the history event id); a hard bounce also writes `suppression.added`.
+pub const EVENT_DECISION: &str = "decision";
+pub const EVENT_DELIVERED: &str = "delivered";
+pub const EVENT_DEFERRED: &str = "deferred";
+pub const EVENT_BOUNCED: &str = "bounced";
+pub const EVENT_CONSENT_GRANTED: &str = "consent.granted";
+pub const EVENT_CONSENT_WITHDRAWN: &str = "consent.withdrawn";
+pub const EVENT_SUPPRESSION_ADDED: &str = "suppression.added";
+pub const EVENT_CONTACT_FORGOTTEN: &str = "contact.forgotten";
+
+/// A double opt-in sign-up waiting for its confirmation.
+#[derive(Debug, Clone)]
+pub struct NewSignup {
+    pub address: Address,
+    pub purposes: Vec<String>,
+    pub source: String,
+    pub wording_version: String,
+    /// The sign-up's proof: time, IP, user agent.
+    pub evidence: serde_json::Value,
+    pub at: i64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Signup {
+    pub id: i64,
+    pub address: String,
+    pub purposes: Vec<String>,
+    pub source: String,
+    pub wording_version: String,
+    pub evidence: serde_json::Value,
+    pub at: i64,
+    pub expires_at: i64,
+    pub confirmed_at: Option<i64>,
+}
+
+/// How a confirmation went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmation {
+    /// The consents were recorded: one history event id per purpose.
+    Recorded(Vec<i64>),
+    AlreadyConfirmed,
+    Expired,
+    Unknown,
+}
+
+/// A current grant that will lapse: for `optgate consent expiring`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Grant {
+    pub address: String,
+    pub purpose: String,
+    pub event_id: i64,
+    pub at: i64,
 }
 
 pub trait Store: Send + Sync + 'static {
@@ -254,4 +318,39 @@ pub trait Store: Send + Sync + 'static {
     // ---- the event log
     /// Events about `address`, oldest first.
     fn events_for(&self, address: &Address) -> Result<Vec<Event>, StoreError>;
+    /// Up to `limit` events with id > `after`, oldest first; only the given kinds
+    /// when `kinds` is not empty.
+    fn events_since(&self, after: i64, kinds: &[&str], limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// The id of the last event a webhook endpoint acknowledged (0 if none yet).
+    fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError>;
+    fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError>;
+
+    // ---- bulk consent: import and export
+    /// Appends many events in ONE transaction (all or nothing). Returns the indexes
+    /// of the events refused because their address was erased (those are not written).
+    fn append_consents(&self, events: &[NewConsentEvent]) -> Result<Vec<usize>, StoreError>;
+    /// Up to `limit` history events with id > `after`, oldest first (for exports).
+    fn history_page(&self, after: i64, limit: usize) -> Result<Vec<ConsentEvent>, StoreError>;
+    /// Up to `limit` contacts with id > `after` in id order, each with its history.
+    fn contacts_page(&self, after: i64, limit: usize) -> Result<Vec<(i64, ContactRecord)>, StoreError>;
+    /// Current grants for `purpose` (the newest event for it is a grant) given at or
+    /// before `granted_at_or_before`: who lapses soon, for purposes that expire.
+    fn grants_older_than(&self, purpose: &str, granted_at_or_before: i64) -> Result<Vec<Grant>, StoreError>;
+
+    // ---- double opt-in
+    fn create_signup(&self, signup: &NewSignup) -> Result<i64, StoreError>;
+    fn signup(&self, id: i64) -> Result<Option<Signup>, StoreError>;
+    /// Records one grant per purpose of the sign-up (evidence: the sign-up's and the
+    /// confirmation's, and the wording version) and marks it confirmed, in one
+    /// transaction.
+    fn confirm_signup(&self, id: i64, at: i64, evidence: serde_json::Value) -> Result<Confirmation, StoreError>;
+    /// Sign-ups for `address` created at or after `since` (rate limiting).
+    fn signups_since(&self, address: &Address, since: i64) -> Result<usize, StoreError>;
+
+    // ---- erasure (GDPR art. 17)
+    /// Deletes everything held about `address` (contact, history, suppressions,
+    /// events, sign-ups, pending deliveries) but keeps a keyed hash of it on the
+    /// erasure list, so it is never mailed or imported again; logs a
+    /// `contact.forgotten` event that does not name it. False if nothing was held.
+    fn forget(&self, address: &Address, at: i64) -> Result<bool, StoreError>;
 }

@@ -276,6 +276,7 @@ fn latest(row: &Row<'_>, first: usize) -> Result<Option<LatestEvent>, StoreError
 fn facts(row: &Row<'_>) -> Result<ConsentFacts, StoreError> {
     Ok(ConsentFacts {
         customer: row.get::<_, Option<bool>>(0)?.unwrap_or(false),
+        erased: false,
         suppression: row.get(1)?,
         purpose_event: latest(row, 2)?,
         all_event: latest(row, 5)?,
@@ -645,7 +646,7 @@ impl Store for SqliteStore {
         self.read(|conn| {
             rows(
                 conn,
-                "SELECT id, at, kind, message_id, address, purpose, detail FROM events
+                "SELECT id, at, kind, message_id, address, purpose, detail, origin FROM events
                      WHERE address = ?1 ORDER BY id",
                 [address.as_str()],
                 |row| {
@@ -657,10 +658,48 @@ impl Store for SqliteStore {
                         address: row.get(4)?,
                         purpose: row.get(5)?,
                         detail: row.get(6)?,
+                        origin: row.get(7)?,
                     })
                 },
             )
         })
+    }
+
+    fn events_since(&self, _: i64, _: &[&str], _: usize) -> Result<Vec<Event>, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn webhook_cursor(&self, _: &str) -> Result<i64, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn set_webhook_cursor(&self, _: &str, _: i64) -> Result<(), StoreError> {
+        todo!("issue 4 store")
+    }
+    fn append_consents(&self, _: &[NewConsentEvent]) -> Result<Vec<usize>, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn history_page(&self, _: i64, _: usize) -> Result<Vec<ConsentEvent>, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn contacts_page(&self, _: i64, _: usize) -> Result<Vec<(i64, ContactRecord)>, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn grants_older_than(&self, _: &str, _: i64) -> Result<Vec<Grant>, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn create_signup(&self, _: &NewSignup) -> Result<i64, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn signup(&self, _: i64) -> Result<Option<Signup>, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn confirm_signup(&self, _: i64, _: i64, _: serde_json::Value) -> Result<Confirmation, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn signups_since(&self, _: &Address, _: i64) -> Result<usize, StoreError> {
+        todo!("issue 4 store")
+    }
+    fn forget(&self, _: &Address, _: i64) -> Result<bool, StoreError> {
+        todo!("issue 4 store")
     }
 }
 
@@ -810,6 +849,7 @@ mod tests {
             facts,
             vec![
                 ConsentFacts {
+                    erased: false,
                     customer: false,
                     suppression: None,
                     purpose_event: Some(LatestEvent {
@@ -825,6 +865,7 @@ mod tests {
                 },
                 ConsentFacts::default(),
                 ConsentFacts {
+                    erased: false,
                     customer: true,
                     suppression: Some("hard bounce".into()),
                     purpose_event: Some(LatestEvent {

@@ -30,9 +30,11 @@ pub enum Op {
     RecordOutcomes,
     Queue,
     EventsFor,
+    /// Every method no test needs to fail on its own.
+    Other,
 }
 
-const OPS: usize = Op::EventsFor as usize + 1;
+const OPS: usize = Op::Other as usize + 1;
 
 pub struct Flaky {
     // Declared before the directory, so the database closes before it is removed.
@@ -167,5 +169,41 @@ impl Store for Flaky {
     }
     fn events_for(&self, address: &Address) -> Result<Vec<Event>, StoreError> {
         self.run(Op::EventsFor, |s| s.events_for(address))
+    }
+    fn events_since(&self, after: i64, kinds: &[&str], limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.run(Op::Other, |s| s.events_since(after, kinds, limit))
+    }
+    fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError> {
+        self.run(Op::Other, |s| s.webhook_cursor(url))
+    }
+    fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError> {
+        self.run(Op::Other, |s| s.set_webhook_cursor(url, event_id))
+    }
+    fn append_consents(&self, events: &[NewConsentEvent]) -> Result<Vec<usize>, StoreError> {
+        self.run(Op::Other, |s| s.append_consents(events))
+    }
+    fn history_page(&self, after: i64, limit: usize) -> Result<Vec<ConsentEvent>, StoreError> {
+        self.run(Op::Other, |s| s.history_page(after, limit))
+    }
+    fn contacts_page(&self, after: i64, limit: usize) -> Result<Vec<(i64, ContactRecord)>, StoreError> {
+        self.run(Op::Other, |s| s.contacts_page(after, limit))
+    }
+    fn grants_older_than(&self, purpose: &str, at: i64) -> Result<Vec<Grant>, StoreError> {
+        self.run(Op::Other, |s| s.grants_older_than(purpose, at))
+    }
+    fn create_signup(&self, signup: &NewSignup) -> Result<i64, StoreError> {
+        self.run(Op::Other, |s| s.create_signup(signup))
+    }
+    fn signup(&self, id: i64) -> Result<Option<Signup>, StoreError> {
+        self.run(Op::Other, |s| s.signup(id))
+    }
+    fn confirm_signup(&self, id: i64, at: i64, evidence: serde_json::Value) -> Result<Confirmation, StoreError> {
+        self.run(Op::Other, |s| s.confirm_signup(id, at, evidence))
+    }
+    fn signups_since(&self, address: &Address, since: i64) -> Result<usize, StoreError> {
+        self.run(Op::Other, |s| s.signups_since(address, since))
+    }
+    fn forget(&self, address: &Address, at: i64) -> Result<bool, StoreError> {
+        self.run(Op::Other, |s| s.forget(address, at))
     }
 }

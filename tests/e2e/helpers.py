@@ -6,7 +6,9 @@ The fixtures in conftest.py put them together."""
 import asyncio
 import email
 import email.policy
+import http.client
 import itertools
+import logging
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter, namedtuple
 from dataclasses import dataclass
@@ -272,9 +275,16 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def purpose_tables(*extra: dict) -> list[dict]:
+    """The config's [[purpose]] tables: one per basis (see PURPOSES), then `extra` ones."""
+    return [{"id": pid, "name": pid.capitalize(), "basis": basis} for basis, pid in PURPOSES.items()] + list(extra)
+
+
 def gateway_config(workdir: Path, upstream_port: int, password_hash: str) -> dict:
     """A test gateway: 127.0.0.1 trusted, two accounts (`mailer`, free; `crm`, limited
-    to offers and orders), one purpose per basis, the upstream over plain SMTP, quick retries."""
+    to offers and orders), one purpose per basis, the upstream over plain SMTP, quick
+    retries, its own HTTP port (in every link it writes), and an HTTP rate limit no
+    test reaches by accident (every test client is 127.0.0.1)."""
     http_port = free_port()
     return {
         "smtp": {
@@ -296,8 +306,9 @@ def gateway_config(workdir: Path, upstream_port: int, password_hash: str) -> dic
         "storage": {"data_dir": str(workdir / "data"), "fsync": True},
         "upstream": {"kind": "smtp", "host": "127.0.0.1", "port": upstream_port, "tls": "none", "timeout": "10s"},
         "queue": {"retry_schedule": ["1s", "2s"], "max_age": "1h"},
+        "unsubscribe": {"rate_limit_per_minute": 100_000},
         "policy": {"default_purpose": PURPOSES["consent"]},
-        "purpose": [{"id": pid, "name": pid.capitalize(), "basis": basis} for basis, pid in PURPOSES.items()],
+        "purpose": purpose_tables(),
     }
 
 
@@ -314,14 +325,25 @@ class Optgate:
         self.config = config
         self.log_path = config_path.with_suffix(".log")
         self.proc: subprocess.Popen | None = None
-        self.smtp_address: tuple[str, int] | None = None
+        # What `serve` printed: "smtp listening on ADDR", "http listening on ADDR".
+        self.listening: dict[str, tuple[str, int]] = {}
 
     def __repr__(self):
-        return f"<optgate {self.config_path} smtp={self.smtp_address}>"
+        return f"<optgate {self.config_path} listening={self.listening}>"
+
+    @property
+    def smtp_address(self) -> tuple[str, int] | None:
+        return self.listening.get("smtp")
 
     @property
     def smtp_port(self) -> int:
         return self.smtp_address[1]
+
+    @property
+    def http_url(self) -> str:
+        """The base URL of the HTTP listener, e.g. http://127.0.0.1:8080."""
+        host, port = self.listening["http"]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def running(self) -> bool:
@@ -345,23 +367,27 @@ class Optgate:
             env=ENV,
         )
         log.close()
+        self.listening = {}
         listening = threading.Event()
         threading.Thread(target=self._read_stdout, args=(self.proc, listening), daemon=True).start()
         deadline = time.monotonic() + WAIT
         while not listening.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError(f"optgate did not print `smtp listening on …`:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"optgate did not print both `smtp listening on …` and `http listening on …`:\n{self.log_tail()}"
+                )
 
     def _read_stdout(self, proc: subprocess.Popen, listening: threading.Event):
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             with open(self.log_path, "a") as log:
                 log.write(f"[stdout] {line}\n")
-            found = re.match(r"smtp listening on \[?([^\]]+?)\]?:(\d+)$", line)
+            found = re.match(r"(smtp|http) listening on \[?([^\]]+?)\]?:(\d+)$", line)
             if found:
-                self.smtp_address = (found[1], int(found[2]))
-                listening.set()
+                self.listening[found[1]] = (found[2], int(found[3]))
+                if {"smtp", "http"} <= self.listening.keys():
+                    listening.set()
 
     def signal(self, sig: int = signal.SIGTERM):
         self.proc.send_signal(sig)
@@ -496,3 +522,156 @@ class RawSmtp:
 
     def starttls(self):
         self.sock = insecure_tls().wrap_socket(self.sock)
+
+
+# ---- what a marketing copy carries ---------------------------------------------------
+
+# An unsubscribe link optgate wrote into a copy; group 1 is the token.
+UNSUBSCRIBE_LINK = re.compile(r"https?://[^\s<>\"'/]+/u/([A-Za-z0-9_-]+)")
+# The body RFC 8058 one-click POSTs carry, and the List-Unsubscribe-Post value.
+ONE_CLICK = "List-Unsubscribe=One-Click"
+
+
+def subscriber(gate: "Optgate", purpose: str = PURPOSES["consent"], prefix: str = "reader") -> str:
+    """A new address that consented to `purpose` (recorded with the CLI)."""
+    address = f"{unique(prefix)}@example.net"
+    gate.cli_ok("consent", "grant", address, purpose)
+    return address
+
+
+def deliver(gate: "Optgate", upstream: Upstream, rcpt: str, message: bytes) -> Received:
+    """Sends `message` to `rcpt`, who may receive it, and returns the one copy the upstream got."""
+    before = len(upstream.received(rcpt=rcpt))
+    reply = submit(gate.smtp_port, [rcpt], message)
+    assert reply.code == 250 and reply_counts(reply.text) == (1, 0), reply
+    copies = upstream.wait_for(rcpt=rcpt, count=before + 1)
+    assert len(copies) == before + 1, f"{len(copies) - before} copies for {rcpt}"
+    return copies[-1]
+
+
+def assert_wire_format(data: bytes):
+    """What every relayed copy must be: CRLF line ends only, no line over 998 octets
+    (RFC 5322), no X-Optgate-* field left in the header."""
+    assert_crlf_only(data)
+    longest = max(len(line) for line in data.split(b"\r\n"))
+    assert longest <= 998, f"a line of {longest} octets"
+    header = data.split(b"\r\n\r\n", 1)[0]
+    assert not re.search(rb"(?im)^x-optgate-", header), header.decode(errors="replace")
+
+
+def one_click_url(copy: Received, gate: "Optgate") -> str:
+    """The copy's unsubscribe URL, once its RFC 2369 / RFC 8058 fields are checked:
+    exactly one `List-Unsubscribe: <{public_url}/u/TOKEN>` and exactly one
+    `List-Unsubscribe-Post: List-Unsubscribe=One-Click`."""
+    message = copy.parsed()
+    fields = [str(v).strip() for v in message.get_all("List-Unsubscribe", [])]
+    posts = [str(v).strip() for v in message.get_all("List-Unsubscribe-Post", [])]
+    assert posts == [ONE_CLICK], f"List-Unsubscribe-Post fields: {posts}"
+    assert len(fields) == 1, f"List-Unsubscribe fields: {fields}"
+    found = re.fullmatch(rf"<({re.escape(gate.http_url)}/u/[A-Za-z0-9_-]{{1,64}})>", fields[0])
+    assert found, f"List-Unsubscribe: {fields[0]} (expected <{gate.http_url}/u/TOKEN>, a token of at most 64 URL-safe characters)"
+    return found[1]
+
+
+def text_parts(message: email.message.EmailMessage) -> list:
+    """The text/* parts of a message that are not attachments (those a reader sees)."""
+    return [p for p in message.walk() if p.get_content_maintype() == "text" and not p.is_attachment()]
+
+
+def consent_history(shown: str) -> list[dict]:
+    """The history of `optgate consent show` output: per event its id, action,
+    purpose, source and evidence (a dict), oldest first."""
+    pattern = r"^\s+#(\d+) (\S+) (\S+)\s+(\S+)\s+source=(\S+) evidence=(.*)$"
+    return [
+        {"id": int(m[1]), "at": m[2], "action": m[3], "purpose": m[4], "source": m[5], "evidence": json.loads(m[6])}
+        for m in re.finditer(pattern, shown, re.M)
+    ]
+
+
+# ---- HTTP clients -------------------------------------------------------------------
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: http.client.HTTPMessage
+    text: str
+
+
+def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None) -> HttpReply:
+    """One HTTP request (http.client): no redirect followed, no status raised."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=WAIT)
+    try:
+        connection.request(method, parts.path or "/", body=body, headers=headers or {})
+        response = connection.getresponse()
+        return HttpReply(response.status, response.headers, response.read().decode("utf-8", "replace"))
+    finally:
+        connection.close()
+
+
+# ---- DKIM, checked by an independent verifier (dkimpy) ------------------------------
+
+
+def dns_record(line: str) -> tuple[str, str]:
+    """A printed `NAME. IN TXT "v=DKIM1; …"` line as (name without the final dot, TXT text)."""
+    found = re.fullmatch(r'(\S+?)\.?\s+IN\s+TXT\s+"([^"]*)"', line.strip())
+    assert found, f"not a DNS TXT record line: {line!r}"
+    return found[1].lower(), found[2]
+
+
+def generated_dkim_record(gate: "Optgate", domain: str) -> tuple[str, str]:
+    """The DNS record `serve` logged on generating a DKIM key for `domain`."""
+    pattern = rf'publish this DNS record: (optgate\._domainkey\.{re.escape(domain)}\. IN TXT "[^"]*")'
+    line = wait_until(
+        lambda: re.findall(pattern, gate.log_path.read_text()), f"the DNS record of the DKIM key generated for {domain}"
+    )
+    assert len(line) == 1, f"{len(line)} keys generated for {domain}: {line}"
+    return dns_record(line[0])
+
+
+def dkim_tags(data: bytes) -> list[dict[str, str]]:
+    """The tags of each DKIM-Signature field at the top of `data`, in order, with
+    folding whitespace removed (h= as written, e.g. `From:To:…`)."""
+    signatures = email.message_from_bytes(data, policy=email.policy.compat32).get_all("DKIM-Signature", [])
+    out = []
+    for value in signatures:
+        tags = {}
+        for tag in re.sub(r"\s+", "", value).split(";"):
+            if "=" in tag:
+                name, _, text = tag.partition("=")
+                tags[name] = text
+        out.append(tags)
+    return out
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def dkim_verify(data: bytes, records: dict[str, str]) -> list[dict[str, str]]:
+    """Checks with dkimpy that every DKIM-Signature of `data` verifies, each key read
+    from `records` (DNS name → TXT text) instead of the DNS; returns their tags."""
+    import dkim  # dkimpy; imported here so that modules without DKIM tests need not have it
+
+    def lookup(name, timeout=5):
+        return records.get((name.decode() if isinstance(name, bytes) else name).rstrip(".").lower())
+
+    tags = dkim_tags(data)
+    assert tags, "the copy has no DKIM-Signature"
+    logger = logging.getLogger("e2e.dkimpy")
+    logger.setLevel(logging.DEBUG)
+    for index, signature in enumerate(tags):
+        collect = _Collect()
+        logger.addHandler(collect)
+        try:
+            ok = dkim.DKIM(data, logger=logger).verify(idx=index, dnsfunc=lookup)
+        finally:
+            logger.removeHandler(collect)
+        assert ok, f"DKIM signature {index} (a={signature.get('a')}, s={signature.get('s')}) does not verify: {collect.lines[-3:]}"
+    return tags
