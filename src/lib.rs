@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dkim;
+pub mod import;
 pub mod inbound;
 pub mod policy;
 pub mod relay;
