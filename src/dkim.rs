@@ -205,8 +205,6 @@ impl KeyRing {
 
 /// Makes and stores an RSA key for `domain`, and asks the operator to publish it.
 fn generate_into(dir: &Path, domain: &str) -> Result<PathBuf, DkimError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(format!("{domain}.pem"));
     let err = |e: std::io::Error| DkimError::Key {
         path: path.display().to_string(),
@@ -214,17 +212,7 @@ fn generate_into(dir: &Path, domain: &str) -> Result<PathBuf, DkimError> {
     };
     let key = generate(domain, GENERATED_SELECTOR, Algorithm::RsaSha256)?;
     std::fs::create_dir_all(dir).map_err(err)?;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(key.private_pem.as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)?;
+    crate::keyfile::write_private(&path, key.private_pem.as_bytes()).map_err(err)?;
     tracing::warn!(
         domain,
         key = %path.display(),

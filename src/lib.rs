@@ -16,6 +16,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod import;
 pub mod inbound;
+pub mod keyfile;
 pub mod policy;
 pub mod relay;
 pub mod rewrite;

@@ -285,8 +285,6 @@ fn keys_from(lines: Vec<KeyLine>) -> Result<TokenKeys, TokenError> {
 }
 
 fn write_key_file(path: &std::path::Path, keys: &[KeyLine]) -> Result<(), TokenError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let io = |e: std::io::Error| TokenError::Keys(format!("{}: {e}", path.display()));
     let mut text =
         String::from("# optgate token signing keys: ID ACCEPT_UNTIL SECRET. Keep secret.\n");
@@ -297,17 +295,7 @@ fn write_key_file(path: &std::path::Path, keys: &[KeyLine]) -> Result<(), TokenE
             URL_SAFE_NO_PAD.encode(secret)
         ));
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::keyfile::write_private(path, text.as_bytes()).map_err(io)
 }
 
 #[cfg(test)]

@@ -2,7 +2,6 @@
 //! or a self-signed pair generated into `{data_dir}/tls/` on first start and reused.
 
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -71,20 +70,8 @@ fn self_signed(dir: &Path, hostname: &str) -> anyhow::Result<()> {
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("pem.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("cannot write {}", path.display()))
+    crate::keyfile::write_with_mode(path, contents, mode)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]
