@@ -124,7 +124,9 @@ impl Signers {
                 Signer::Ed25519(s) => s.sign(message),
             }
             .map_err(|e| DkimError::Sign(e.to_string()))?;
-            signature.write_header(&mut headers);
+            let mut field = Vec::with_capacity(512);
+            signature.write_header(&mut field);
+            headers.extend_from_slice(&close_b_tag(field));
         }
         let mut out = Vec::with_capacity(headers.len() + message.len());
         out.extend_from_slice(&headers);
@@ -222,6 +224,28 @@ fn generate_into(dir: &Path, domain: &str) -> Result<PathBuf, DkimError> {
     Ok(path)
 }
 
+/// mail-auth 0.13 may fold the field between the `b=` value and the `;` that ends
+/// it. The signature was computed over `b=;`, but a verifier blanks only the value
+/// and sees `b= ;`: the signature fails. Pull that `;` back onto the value's line.
+fn close_b_tag(mut field: Vec<u8>) -> Vec<u8> {
+    let body_end = field.len()
+        - field
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+    if body_end > 0 && field[body_end - 1] == b';' {
+        let semicolon = body_end - 1;
+        let ws = field[..semicolon]
+            .iter()
+            .rev()
+            .take_while(|&&b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+            .count();
+        field.drain(semicolon - ws..semicolon);
+    }
+    field
+}
+
 fn configure<T: mail_auth::common::crypto::SigningKey>(
     s: DkimSigner<T, Done>,
 ) -> DkimSigner<T, Done> {
@@ -263,7 +287,12 @@ pub fn generate(
         Algorithm::Ed25519Sha256 => {
             let pair = DkimKeyPair::generate_ed25519().map_err(sign_err)?;
             let (private, public) = pair.into_inner();
-            ("PRIVATE KEY", "ed25519", private, public)
+            (
+                "PRIVATE KEY",
+                "ed25519",
+                ed25519_pkcs8_v1(&private)?,
+                public,
+            )
         }
     };
     let body = STANDARD.encode(&private);
@@ -281,6 +310,21 @@ pub fn generate(
         private_pem,
         dns_record,
     })
+}
+
+/// ring writes PKCS#8 v2 (the public key inside), which OpenSSL 3.0 and Python's
+/// `cryptography` cannot read; v1 is the seed alone in a fixed 48-byte wrapper.
+fn ed25519_pkcs8_v1(v2: &[u8]) -> Result<Vec<u8>, DkimError> {
+    const V1_PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    const V2_PREFIX_LEN: usize = 16;
+    let seed = v2
+        .get(V2_PREFIX_LEN..V2_PREFIX_LEN + 32)
+        .filter(|_| v2.get(V2_PREFIX_LEN - 2..V2_PREFIX_LEN) == Some(&[0x04, 0x20]))
+        .ok_or_else(|| DkimError::Sign("unexpected Ed25519 key encoding".into()))?;
+    Ok([&V1_PREFIX[..], seed].concat())
 }
 
 /// Wraps a PKCS#1 RSAPublicKey in an X.509 SubjectPublicKeyInfo (DER).
@@ -351,6 +395,51 @@ mod tests {
             MSG.to_vec(),
             "no key and no generation: unsigned"
         );
+    }
+
+    #[test]
+    fn the_b_tag_is_never_folded_away_from_its_semicolon() {
+        assert_eq!(
+            close_b_tag(b"DKIM-Signature: a=x; b=abc==\r\n\t;\r\n".to_vec()),
+            b"DKIM-Signature: a=x; b=abc==;\r\n".to_vec()
+        );
+        assert_eq!(
+            close_b_tag(b"DKIM-Signature: a=x; b=abc==;\r\n".to_vec()),
+            b"DKIM-Signature: a=x; b=abc==;\r\n".to_vec()
+        );
+        // And in real signatures, whatever the layout.
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate("example.com", "s1", Algorithm::RsaSha256).unwrap();
+        let path = dir.path().join("k.pem");
+        std::fs::write(&path, key.private_pem).unwrap();
+        let mut signers = Signers::default();
+        signers
+            .add_key_file("example.com", "s1", Algorithm::RsaSha256, &path)
+            .unwrap();
+        for n in 0..80 {
+            let msg = format!(
+                "From: {}@example.com\r\nSubject: x\r\n\r\nbody\r\n",
+                "a".repeat(n + 1)
+            );
+            let signed = signers.sign(msg.as_bytes()).unwrap();
+            let field_end = signed.windows(2).position(|w| w == b";\r").unwrap_or(0);
+            let text = String::from_utf8(signed[..signed.len() - msg.len()].to_vec()).unwrap();
+            assert!(
+                !text
+                    .trim_end()
+                    .trim_end_matches(';')
+                    .ends_with(['\t', ' ', '\n']),
+                "{text}"
+            );
+            assert!(field_end > 0);
+        }
+    }
+
+    #[test]
+    fn ed25519_keys_are_written_as_pkcs8_v1() {
+        let key = generate("example.com", "e1", Algorithm::Ed25519Sha256).unwrap();
+        let der = PrivateKeyDer::from_pem_slice(key.private_pem.as_bytes()).unwrap();
+        assert_eq!(der.secret_der().len(), 48);
     }
 
     #[test]
