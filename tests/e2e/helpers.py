@@ -549,6 +549,33 @@ def deliver(gate: "Optgate", upstream: Upstream, rcpt: str, message: bytes) -> R
     return copies[-1]
 
 
+def subscribe_and_mail(gate: "Optgate", upstream: Upstream, *purposes: str) -> tuple[str, dict]:
+    """A new address that consented to `purposes` and got one message for each: the
+    address, and per purpose the unsubscribe URL of its copy."""
+    rcpt = subscriber(gate, purposes[0])
+    urls = {}
+    for purpose in purposes:
+        if purpose != purposes[0]:
+            gate.cli_ok("consent", "grant", rcpt, purpose)
+        copy = deliver(gate, upstream, rcpt, make_message(unique(purpose), purpose=purpose))
+        urls[purpose] = one_click_url(copy, gate)
+    return rcpt, urls
+
+
+def delivered(gate: "Optgate", upstream: Upstream, rcpt: str, purpose: str) -> bool:
+    """Sends one message for `purpose` to `rcpt`: True if it was delivered, False if
+    the 250 says it was suppressed (and then the upstream got nothing)."""
+    subject = unique(f"next-{purpose}")
+    reply = submit(gate.smtp_port, [rcpt], make_message(subject, purpose=purpose))
+    assert reply.code == 250, reply
+    if reply_counts(reply.text) == (0, 1):
+        assert upstream.wait_for(token=subject, count=0) == []
+        return False
+    assert reply_counts(reply.text) == (1, 0), reply
+    upstream.wait_for(token=subject, rcpt=rcpt)
+    return True
+
+
 def assert_wire_format(data: bytes):
     """What every relayed copy must be: CRLF line ends only, no line over 998 octets
     (RFC 5322), no X-Optgate-* field left in the header."""
@@ -671,7 +698,14 @@ def dkim_verify(data: bytes, records: dict[str, str]) -> list[dict[str, str]]:
         logger.addHandler(collect)
         try:
             ok = dkim.DKIM(data, logger=logger).verify(idx=index, dnsfunc=lookup)
+        except dkim.DKIMException as e:
+            ok = False
+            collect.lines.append(f"{type(e).__name__}: {e}")
         finally:
             logger.removeHandler(collect)
-        assert ok, f"DKIM signature {index} (a={signature.get('a')}, s={signature.get('s')}) does not verify: {collect.lines[-3:]}"
+        raw = email.message_from_bytes(data, policy=email.policy.compat32).get_all("DKIM-Signature")[index]
+        assert ok, (
+            f"DKIM signature {index} (a={signature.get('a')}, s={signature.get('s')}) does not verify; "
+            f"dkimpy says {collect.lines[-1:]}; the field ends {raw[-40:]!r}"
+        )
     return tags
