@@ -671,11 +671,17 @@ impl Validator<'_> {
             if out.iter().any(|q| q.id == p.id) {
                 return Err(self.err(key, format!("purpose '{}' is defined twice", p.id)));
             }
-            for (key, template) in [("footer_text", &p.footer_text), ("footer_html", &p.footer_html)] {
+            for (key, template) in [
+                ("footer_text", &p.footer_text),
+                ("footer_html", &p.footer_html),
+            ] {
                 if let Some(t) = template
                     && !t.contains("{unsubscribe_url}")
                 {
-                    return Err(self.err(format!("purpose[{i}].{key}"), "must contain {unsubscribe_url}: every message offers a way to object"));
+                    return Err(self.err(
+                        format!("purpose[{i}].{key}"),
+                        "must contain {unsubscribe_url}: every message offers a way to object",
+                    ));
                 }
             }
             if p.expires_after_days.is_some() && p.basis != Basis::Consent {
@@ -858,7 +864,10 @@ impl Validator<'_> {
 
     fn api(&self, raw: RawApi) -> Result<ApiConfig, ConfigError> {
         if let Some(i) = raw.tokens.iter().position(|t| t.len() < 24) {
-            return Err(self.err(format!("api.tokens[{i}]"), "a token needs at least 24 characters (e.g. `openssl rand -hex 24`)"));
+            return Err(self.err(
+                format!("api.tokens[{i}]"),
+                "a token needs at least 24 characters (e.g. `openssl rand -hex 24`)",
+            ));
         }
         Ok(ApiConfig { tokens: raw.tokens })
     }
@@ -868,22 +877,37 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, w)| {
                 if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                    return Err(self.err(format!("webhook[{i}].url"), format!("'{}' is not an http(s) URL", w.url)));
+                    return Err(self.err(
+                        format!("webhook[{i}].url"),
+                        format!("'{}' is not an http(s) URL", w.url),
+                    ));
                 }
                 if w.secret.len() < 16 {
-                    return Err(self.err(format!("webhook[{i}].secret"), "a secret needs at least 16 characters"));
+                    return Err(self.err(
+                        format!("webhook[{i}].secret"),
+                        "a secret needs at least 16 characters",
+                    ));
                 }
-                Ok(WebhookConfig { url: w.url, secret: w.secret })
+                Ok(WebhookConfig {
+                    url: w.url,
+                    secret: w.secret,
+                })
             })
             .collect()
     }
 
     fn double_opt_in(&self, raw: RawDoubleOptIn) -> Result<DoubleOptInConfig, ConfigError> {
         if !raw.sender.is_empty() && crate::address::Address::parse(&raw.sender).is_err() {
-            return Err(self.err("double_opt_in.sender", format!("'{}' is not an email address", raw.sender)));
+            return Err(self.err(
+                "double_opt_in.sender",
+                format!("'{}' is not an email address", raw.sender),
+            ));
         }
         if !raw.from.contains('@') {
-            return Err(self.err("double_opt_in.from", format!("'{}' has no address", raw.from)));
+            return Err(self.err(
+                "double_opt_in.from",
+                format!("'{}' has no address", raw.from),
+            ));
         }
         Ok(DoubleOptInConfig {
             link_validity: self.duration("double_opt_in.link_validity", &raw.link_validity)?,

@@ -19,6 +19,11 @@ fn main() -> std::process::ExitCode {
         .init();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if optgate::cli::is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<optgate::cli::RowsRejected>() => {
+            eprintln!("optgate: {e:#}");
+            std::process::ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("optgate: {:#}", e);
             std::process::ExitCode::FAILURE

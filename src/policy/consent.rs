@@ -259,7 +259,10 @@ mod tests {
             erased: true,
             ..Default::default()
         };
-        assert_eq!(decide(&t, &erased, 20), Decision::Suppress(SuppressReason::Erased));
+        assert_eq!(
+            decide(&t, &erased, 20),
+            Decision::Suppress(SuppressReason::Erased)
+        );
         assert_eq!(
             decide(&t, &bounced, 20),
             Decision::Suppress(SuppressReason::Suppressed)

@@ -25,6 +25,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Internal(String),
+    /// The address is on the erasure list: nothing about it may be recorded again.
+    #[error("the address was erased at the person's request: nothing about it is recorded")]
+    Erased,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -320,7 +323,12 @@ pub trait Store: Send + Sync + 'static {
     fn events_for(&self, address: &Address) -> Result<Vec<Event>, StoreError>;
     /// Up to `limit` events with id > `after`, oldest first; only the given kinds
     /// when `kinds` is not empty.
-    fn events_since(&self, after: i64, kinds: &[&str], limit: usize) -> Result<Vec<Event>, StoreError>;
+    fn events_since(
+        &self,
+        after: i64,
+        kinds: &[&str],
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError>;
     /// The id of the last event a webhook endpoint acknowledged (0 if none yet).
     fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError>;
     fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError>;
@@ -332,10 +340,18 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` history events with id > `after`, oldest first (for exports).
     fn history_page(&self, after: i64, limit: usize) -> Result<Vec<ConsentEvent>, StoreError>;
     /// Up to `limit` contacts with id > `after` in id order, each with its history.
-    fn contacts_page(&self, after: i64, limit: usize) -> Result<Vec<(i64, ContactRecord)>, StoreError>;
+    fn contacts_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, ContactRecord)>, StoreError>;
     /// Current grants for `purpose` (the newest event for it is a grant) given at or
     /// before `granted_at_or_before`: who lapses soon, for purposes that expire.
-    fn grants_older_than(&self, purpose: &str, granted_at_or_before: i64) -> Result<Vec<Grant>, StoreError>;
+    fn grants_older_than(
+        &self,
+        purpose: &str,
+        granted_at_or_before: i64,
+    ) -> Result<Vec<Grant>, StoreError>;
 
     // ---- double opt-in
     fn create_signup(&self, signup: &NewSignup) -> Result<i64, StoreError>;
@@ -343,9 +359,16 @@ pub trait Store: Send + Sync + 'static {
     /// Records one grant per purpose of the sign-up (evidence: the sign-up's and the
     /// confirmation's, and the wording version) and marks it confirmed, in one
     /// transaction.
-    fn confirm_signup(&self, id: i64, at: i64, evidence: serde_json::Value) -> Result<Confirmation, StoreError>;
+    fn confirm_signup(
+        &self,
+        id: i64,
+        at: i64,
+        evidence: serde_json::Value,
+    ) -> Result<Confirmation, StoreError>;
     /// Sign-ups for `address` created at or after `since` (rate limiting).
     fn signups_since(&self, address: &Address, since: i64) -> Result<usize, StoreError>;
+    /// Every sign-up of `address`, oldest first (for the person's own file).
+    fn signups_for(&self, address: &Address) -> Result<Vec<Signup>, StoreError>;
 
     // ---- erasure (GDPR art. 17)
     /// Deletes everything held about `address` (contact, history, suppressions,

@@ -10,12 +10,15 @@ use rusqlite::{
     Connection, OpenFlags, OptionalExtension, Params, Row, Transaction, TransactionBehavior, params,
 };
 
+use ring::hmac;
+
 use super::*;
 use crate::clock;
 
 /// The schema, one entry per version: `PRAGMA user_version` counts the entries
 /// applied, so a later release appends an entry and older files catch up on open.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     -- The id is what unsubscribe and preference tokens carry instead of the address;
     -- INTEGER PRIMARY KEY keeps it stable for the contact's whole life.
     CREATE TABLE contacts (
@@ -84,22 +87,83 @@ const MIGRATIONS: &[&str] = &[r"
         last_error TEXT,
         PRIMARY KEY (message_id, recipient)
     ) WITHOUT ROWID;
-"];
+",
+    r"
+    -- Contact numbers go into unsubscribe and preference links, so a forgotten
+    -- contact's number must never name someone else: AUTOINCREMENT. SQLite cannot add
+    -- it in place, so the table is copied (foreign keys are off while migrating).
+    CREATE TABLE contacts_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        address TEXT NOT NULL UNIQUE,
+        customer INTEGER NOT NULL DEFAULT 0 CHECK (customer IN (0, 1)),
+        created_at INTEGER NOT NULL
+    );
+    INSERT INTO contacts_v2 (id, address, customer, created_at)
+        SELECT id, address, customer, created_at FROM contacts ORDER BY id;
+    DROP TABLE contacts;
+    ALTER TABLE contacts_v2 RENAME TO contacts;
+
+    -- People who asked to be forgotten, as a keyed hash of their address (the key is
+    -- a file beside the database): enough to refuse them again, not to name them.
+    CREATE TABLE erasures (
+        hash BLOB PRIMARY KEY NOT NULL,
+        at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Erasure is the one way out of the append-only history: `forget` names the
+    -- address here, deletes its history and empties this table, in one transaction.
+    CREATE TABLE forgetting (address TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;
+    DROP TRIGGER IF EXISTS consent_history_no_delete;
+    CREATE TRIGGER consent_history_no_delete BEFORE DELETE ON consent_history
+    WHEN OLD.address NOT IN (SELECT address FROM forgetting)
+    BEGIN SELECT RAISE(ABORT, 'the consent history is append-only'); END;
+
+    -- The feed of the admin API and of webhooks filters by kind: each kind is then a
+    -- range of this index, however many decisions lie in between.
+    CREATE INDEX events_kind ON events (kind, id);
+
+    -- Per webhook URL, the last event it acknowledged.
+    CREATE TABLE webhook_cursors (
+        url TEXT PRIMARY KEY NOT NULL,
+        event_id INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    -- Double opt-in sign-ups. The id goes into the confirmation link: AUTOINCREMENT
+    -- so that a link never confirms a later sign-up. `purposes` and `evidence` are JSON.
+    CREATE TABLE signups (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        address TEXT NOT NULL,
+        purposes TEXT NOT NULL,
+        source TEXT NOT NULL,
+        wording_version TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        confirmed_at INTEGER
+    );
+    CREATE INDEX signups_address ON signups (address, at);
+",
+];
 
 /// Long enough to ride out the other process's commit (the CLI writing while `serve`
 /// runs, or the reverse), short enough that a stuck lock surfaces as an error.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The writer's page cache, in KiB (SQLite reads a negative `cache_size` as KiB).
+const WRITER_CACHE_KIB: i64 = -65_536;
 
 /// Readers kept open between calls; more are opened under a burst and closed after.
 const MAX_IDLE_READERS: usize = 4;
 
 /// The hot path, once per recipient: the scalar subqueries are primary-key seeks and
 /// each `max(id)` is one seek into `consent_history_latest`; the constant row makes
-/// an unknown address come back as one row of NULLs rather than no row.
+/// an unknown address come back as one row of NULLs rather than no row. ?4 is the
+/// address's keyed hash, looked up on the erasure list.
 const FACTS: &str = "
     SELECT (SELECT customer FROM contacts WHERE address = ?1),
            (SELECT reason FROM suppressions WHERE address = ?1),
-           p.id, p.action, p.at, a.id, a.action, a.at
+           p.id, p.action, p.at, a.id, a.action, a.at,
+           EXISTS (SELECT 1 FROM erasures WHERE hash = ?4)
     FROM (SELECT 1)
     LEFT JOIN consent_history AS p
         ON p.id = (SELECT max(id) FROM consent_history WHERE address = ?1 AND purpose = ?2)
@@ -113,8 +177,16 @@ const UPSERT_SUPPRESSION: &str = "
 
 const HARD_BOUNCE: &str = "hard bounce";
 
+/// The erasure key lives at `{database}{ERASURE_KEY_SUFFIX}`.
+pub const ERASURE_KEY_SUFFIX: &str = ".erasure-key";
+
+/// The source of sign-up confirmations that name none.
+const DOUBLE_OPT_IN: &str = "double-opt-in";
+
 pub struct SqliteStore {
     path: PathBuf,
+    /// Keys the hashes on the erasure list (from `{database}.erasure-key`).
+    erasure_key: hmac::Key,
     // Declared before the writer so the readers close first, and the writer, closing
     // last, can checkpoint and remove the WAL file.
     readers: Mutex<Vec<Connection>>,
@@ -138,10 +210,23 @@ impl SqliteStore {
             )));
         }
         writer.pragma_update(None, "synchronous", if fsync { "FULL" } else { "NORMAL" })?;
-        writer.pragma_update(None, "foreign_keys", true)?;
+        // A large transaction (an import) whose pages outgrow the cache spills them to
+        // the log mid-way, and writes them again at commit: give the writer room.
+        writer.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
+        // Deleted rows are overwritten with zeros rather than left in free pages: a
+        // delivered message (its Received: names the recipient) or a forgotten person
+        // must not be recoverable from the file. Costs a write of each freed page.
+        writer.pragma_update(None, "secure_delete", true)?;
+        // Foreign keys are switched on after migrating: a migration that copies a
+        // table (SQLite's way to change one) must not have them enforced midway. (The
+        // bundled SQLite enables them by default, so say it.)
+        writer.pragma_update(None, "foreign_keys", false)?;
         migrate(&mut writer)?;
+        writer.pragma_update(None, "foreign_keys", true)?;
+        let erasure_key = erasure_key(path, &writer)?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
+            erasure_key,
             readers: Mutex::new(Vec::new()),
             writer: Mutex::new(writer),
         })
@@ -189,6 +274,11 @@ impl SqliteStore {
         out
     }
 
+    /// The keyed hash under which `address` (normalised) sits on the erasure list.
+    fn erasure_hash(&self, address: &str) -> hmac::Tag {
+        hmac::sign(&self.erasure_key, address.as_bytes())
+    }
+
     fn open_reader(&self) -> Result<Connection, StoreError> {
         let conn = Connection::open_with_flags(
             &self.path,
@@ -218,10 +308,91 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         for sql in &MIGRATIONS[applied..] {
             tx.execute_batch(sql)?;
         }
+        // Foreign keys were not enforced while migrating: check them before committing.
+        let broken: Option<String> = tx
+            .query_row("PRAGMA foreign_key_check", [], |row| row.get(0))
+            .optional()?;
+        if let Some(table) = broken {
+            return Err(StoreError::Corrupt(format!(
+                "a row of {table} refers to a missing row after migrating the schema"
+            )));
+        }
         tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Reads the erasure key beside the database at `path`, creating it (32 random bytes
+/// in hex, mode 0600) for a new database. A database that already has erasures but
+/// no key is refused: a new key would silently let every forgotten person back in.
+fn erasure_key(path: &Path, conn: &Connection) -> Result<hmac::Key, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.as_os_str().to_owned();
+    name.push(ERASURE_KEY_SUFFIX);
+    let key_path = PathBuf::from(name);
+    let io = |e: std::io::Error| StoreError::Database(format!("{}: {e}", key_path.display()));
+    match std::fs::read_to_string(&key_path) {
+        Ok(text) => {
+            let bytes = decode_hex(text.trim())
+                .filter(|b| b.len() == 32)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "{}: not a key (64 hexadecimal digits expected)",
+                        key_path.display()
+                    ))
+                })?;
+            return Ok(hmac::Key::new(hmac::HMAC_SHA256, &bytes));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let held: bool = conn.query_row("SELECT EXISTS (SELECT 1 FROM erasures)", [], |row| {
+        row.get(0)
+    })?;
+    if held {
+        return Err(StoreError::Corrupt(format!(
+            "{} is missing but the database holds erasures: restore it from a backup \
+             (without it, forgotten people could be mailed again)",
+            key_path.display()
+        )));
+    }
+    let mut secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| StoreError::Internal("no randomness for the erasure key".into()))?;
+    let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    // Written whole under a temporary name, then linked into place: a second process
+    // opening the same new database either wins the link or reads the winner's key.
+    let mut tmp = key_path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        std::io::Write::write_all(&mut file, format!("{text}\n").as_bytes())?;
+        file.sync_all()?;
+        std::fs::hard_link(&tmp, &key_path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(hmac::Key::new(hmac::HMAC_SHA256, &secret)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => erasure_key(path, conn),
+        Err(e) => Err(io(e)),
+    }
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn poisoned(what: &str) -> StoreError {
@@ -276,12 +447,15 @@ fn latest(row: &Row<'_>, first: usize) -> Result<Option<LatestEvent>, StoreError
 fn facts(row: &Row<'_>) -> Result<ConsentFacts, StoreError> {
     Ok(ConsentFacts {
         customer: row.get::<_, Option<bool>>(0)?.unwrap_or(false),
-        erased: false,
+        erased: row.get(8)?,
         suppression: row.get(1)?,
         purpose_event: latest(row, 2)?,
         all_event: latest(row, 5)?,
     })
 }
+
+/// The columns [`consent_event`] reads, in its order.
+const HISTORY_COLUMNS: &str = "id, address, purpose, action, at, recorded_at, source, evidence";
 
 fn consent_event(row: &Row<'_>) -> Result<ConsentEvent, StoreError> {
     let id = row.get(0)?;
@@ -312,6 +486,132 @@ fn upsert_suppression(
     Ok(())
 }
 
+fn is_erased(conn: &Connection, hash: &hmac::Tag) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM erasures WHERE hash = ?1)")?
+        .query_row([hash.as_ref()], |row| row.get(0))?)
+}
+
+fn json_text(value: &serde_json::Value) -> Result<String, StoreError> {
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Internal(format!("cannot serialise JSON: {e}")))
+}
+
+fn json_column(row: &Row<'_>, idx: usize, what: &str) -> Result<serde_json::Value, StoreError> {
+    let text: String = row.get(idx)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{what} is not JSON: {e}")))
+}
+
+/// Appends one consent event (creating the contact if new) and its entry in the event
+/// log, inside the caller's transaction; returns the history id. `now` is when it
+/// was recorded.
+fn insert_consent(tx: &Connection, event: &NewConsentEvent, now: i64) -> Result<i64, StoreError> {
+    let address = event.address.as_str();
+    tx.prepare_cached(
+        "INSERT INTO contacts (address, customer, created_at) VALUES (?1, 0, ?2)
+         ON CONFLICT (address) DO NOTHING",
+    )?
+    .execute(params![address, now])?;
+    let id: i64 = tx
+        .prepare_cached(
+            "INSERT INTO consent_history
+             (address, purpose, action, at, recorded_at, source, evidence)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+        )?
+        .query_row(
+            params![
+                address,
+                event.purpose,
+                event.action.as_str(),
+                event.at,
+                now,
+                event.source,
+                json_text(&event.evidence)?
+            ],
+            |row| row.get(0),
+        )?;
+    let kind = match event.action {
+        ConsentAction::Grant => EVENT_CONSENT_GRANTED,
+        ConsentAction::Withdraw => EVENT_CONSENT_WITHDRAWN,
+    };
+    tx.prepare_cached(
+        "INSERT INTO events (at, kind, message_id, address, purpose, detail, origin)
+         VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        event.at,
+        kind,
+        address,
+        event.purpose,
+        id.to_string(),
+        event.source
+    ])?;
+    Ok(id)
+}
+
+/// The columns [`event`] reads, in its order.
+const EVENT_COLUMNS: &str = "id, at, kind, message_id, address, purpose, detail, origin";
+
+fn event(row: &Row<'_>) -> Result<Event, StoreError> {
+    Ok(Event {
+        id: row.get(0)?,
+        at: row.get(1)?,
+        kind: row.get(2)?,
+        message_id: row.get(3)?,
+        address: row.get(4)?,
+        purpose: row.get(5)?,
+        detail: row.get(6)?,
+        origin: row.get(7)?,
+    })
+}
+
+/// The columns [`signup`] reads, in its order.
+const SIGNUP_COLUMNS: &str =
+    "id, address, purposes, source, wording_version, evidence, at, expires_at, confirmed_at";
+
+fn signup(row: &Row<'_>) -> Result<Signup, StoreError> {
+    let id: i64 = row.get(0)?;
+    let purposes = json_column(row, 2, &format!("sign-up {id}: purposes"))?;
+    Ok(Signup {
+        id,
+        address: row.get(1)?,
+        purposes: serde_json::from_value(purposes).map_err(|e| {
+            StoreError::Corrupt(format!("sign-up {id}: purposes are not a list: {e}"))
+        })?,
+        source: row.get(3)?,
+        wording_version: row.get(4)?,
+        evidence: json_column(row, 5, &format!("sign-up {id}: evidence"))?,
+        at: row.get(6)?,
+        expires_at: row.get(7)?,
+        confirmed_at: row.get(8)?,
+    })
+}
+
+fn find_signup(conn: &Connection, id: i64) -> Result<Option<Signup>, StoreError> {
+    let found = rows(
+        conn,
+        &format!("SELECT {SIGNUP_COLUMNS} FROM signups WHERE id = ?1"),
+        [id],
+        signup,
+    )?;
+    Ok(found.into_iter().next())
+}
+
+/// The history of one address, oldest first.
+fn history_of(conn: &Connection, address: &str) -> Result<Vec<ConsentEvent>, StoreError> {
+    rows(
+        conn,
+        &format!("SELECT {HISTORY_COLUMNS} FROM consent_history WHERE address = ?1 ORDER BY id"),
+        [address],
+        consent_event,
+    )
+}
+
+/// A `usize` limit as SQLite takes it.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
 impl Store for SqliteStore {
     fn consent_facts(
         &self,
@@ -323,48 +623,33 @@ impl Store for SqliteStore {
             addresses
                 .iter()
                 .map(|a| {
-                    stmt.query_row(params![a.as_str(), purpose, ALL_PURPOSES], |row| {
-                        Ok(facts(row))
-                    })?
+                    let hash = self.erasure_hash(a.as_str());
+                    stmt.query_row(
+                        params![a.as_str(), purpose, ALL_PURPOSES, hash.as_ref()],
+                        |row| Ok(facts(row)),
+                    )?
                 })
                 .collect()
         })
     }
 
     fn append_consent(&self, event: &NewConsentEvent) -> Result<i64, StoreError> {
-        let evidence = serde_json::to_string(&event.evidence)
-            .map_err(|e| StoreError::Internal(format!("cannot serialise the evidence: {e}")))?;
+        let hash = self.erasure_hash(event.address.as_str());
         let now = clock::now();
         self.write(|tx| {
-            tx.prepare_cached(
-                "INSERT INTO contacts (address, customer, created_at) VALUES (?1, 0, ?2)
-                 ON CONFLICT (address) DO NOTHING",
-            )?
-            .execute(params![event.address.as_str(), now])?;
-            let id = tx
-                .prepare_cached(
-                    "INSERT INTO consent_history
-                     (address, purpose, action, at, recorded_at, source, evidence)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
-                )?
-                .query_row(
-                    params![
-                        event.address.as_str(),
-                        event.purpose,
-                        event.action.as_str(),
-                        event.at,
-                        now,
-                        event.source,
-                        evidence
-                    ],
-                    |row| row.get(0),
-                )?;
-            Ok(id)
+            if is_erased(tx, &hash)? {
+                return Err(StoreError::Erased);
+            }
+            insert_consent(tx, event, now)
         })
     }
 
     fn set_customer(&self, address: &Address, customer: bool) -> Result<(), StoreError> {
+        let hash = self.erasure_hash(address.as_str());
         self.write(|tx| {
+            if is_erased(tx, &hash)? {
+                return Err(StoreError::Erased);
+            }
             tx.prepare_cached(
                 "INSERT INTO contacts (address, customer, created_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (address) DO UPDATE SET customer = excluded.customer",
@@ -393,13 +678,7 @@ impl Store for SqliteStore {
                     })
                 })
                 .optional()?;
-            let history = rows(
-                &tx,
-                "SELECT id, address, purpose, action, at, recorded_at, source, evidence
-                     FROM consent_history WHERE address = ?1 ORDER BY id",
-                [addr],
-                consent_event,
-            )?;
+            let history = history_of(&tx, addr)?;
             tx.commit()?;
             if customer.is_none() && suppression.is_none() && history.is_empty() {
                 return Ok(None);
@@ -420,7 +699,13 @@ impl Store for SqliteStore {
         detail: &str,
         at: i64,
     ) -> Result<(), StoreError> {
-        self.write(|tx| upsert_suppression(tx, address.as_str(), reason, detail, at))
+        let hash = self.erasure_hash(address.as_str());
+        self.write(|tx| {
+            if is_erased(tx, &hash)? {
+                return Err(StoreError::Erased);
+            }
+            upsert_suppression(tx, address.as_str(), reason, detail, at)
+        })
     }
 
     fn unsuppress(&self, address: &Address) -> Result<bool, StoreError> {
@@ -470,6 +755,17 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
+        // A refused recipient may be someone who was forgotten: their decision is
+        // logged without the address, as the forgetting itself is.
+        let hashes: Vec<Vec<Option<hmac::Tag>>> = batch
+            .iter()
+            .map(|new| {
+                new.recipients
+                    .iter()
+                    .map(|r| (!r.allowed).then(|| self.erasure_hash(r.address.as_str())))
+                    .collect()
+            })
+            .collect();
         self.write(|tx| {
             let mut decision = tx.prepare_cached(
                 "INSERT INTO events (at, kind, message_id, address, purpose, detail, origin)
@@ -489,13 +785,17 @@ impl Store for SqliteStore {
                 "INSERT INTO deliveries (message_id, recipient, attempts, next_attempt_at)
                  VALUES (?1, ?2, 0, ?3) ON CONFLICT DO NOTHING",
             )?;
-            for new in batch {
+            for (new, hashes) in batch.iter().zip(&hashes) {
                 let m = &new.message;
-                for r in &new.recipients {
+                for (r, hash) in new.recipients.iter().zip(hashes) {
+                    let named = match hash {
+                        Some(hash) if is_erased(tx, hash)? => "",
+                        _ => r.address.as_str(),
+                    };
                     decision.execute(params![
                         m.received_at,
                         m.id,
-                        r.address.as_str(),
+                        named,
                         m.purpose,
                         r.reason,
                         new.origin
@@ -562,6 +862,12 @@ impl Store for SqliteStore {
         if outcomes.is_empty() {
             return Ok(());
         }
+        // A delivery in flight when its recipient was forgotten comes back here: its
+        // result is not logged, so the address is not written again.
+        let hashes: Vec<hmac::Tag> = outcomes
+            .iter()
+            .map(|o| self.erasure_hash(&o.recipient))
+            .collect();
         self.write(|tx| {
             let mut finish = tx.prepare_cached(
                 "DELETE FROM deliveries WHERE message_id = ?1 AND recipient = ?2",
@@ -577,11 +883,12 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, (SELECT purpose FROM messages WHERE id = ?3), ?5)",
             )?;
             let mut touched = BTreeSet::new();
-            for o in outcomes {
+            for (o, hash) in outcomes.iter().zip(&hashes) {
+                let erased = is_erased(tx, hash)?;
                 let (kind, detail) = match &o.kind {
                     OutcomeKind::Delivered { reply } => {
                         finish.execute([&o.message_id, &o.recipient])?;
-                        ("delivered", reply)
+                        (EVENT_DELIVERED, reply)
                     }
                     OutcomeKind::Deferred {
                         next_attempt_at,
@@ -593,17 +900,28 @@ impl Store for SqliteStore {
                             next_attempt_at,
                             error
                         ])?;
-                        ("deferred", error)
+                        (EVENT_DEFERRED, error)
                     }
                     OutcomeKind::Failed { error, suppress } => {
                         finish.execute([&o.message_id, &o.recipient])?;
-                        if *suppress {
+                        if *suppress && !erased {
                             upsert_suppression(tx, &o.recipient, HARD_BOUNCE, error, o.at)?;
+                            // Before the bounce itself, so the bounce stays the last
+                            // word about the delivery.
+                            log.execute(params![
+                                o.at,
+                                EVENT_SUPPRESSION_ADDED,
+                                o.message_id,
+                                o.recipient,
+                                error
+                            ])?;
                         }
-                        ("bounced", error)
+                        (EVENT_BOUNCED, error)
                     }
                 };
-                log.execute(params![o.at, kind, o.message_id, o.recipient, detail])?;
+                if !erased {
+                    log.execute(params![o.at, kind, o.message_id, o.recipient, detail])?;
+                }
                 touched.insert(o.message_id.as_str());
             }
             let mut collect = tx.prepare_cached(
@@ -646,61 +964,353 @@ impl Store for SqliteStore {
         self.read(|conn| {
             rows(
                 conn,
-                "SELECT id, at, kind, message_id, address, purpose, detail, origin FROM events
-                     WHERE address = ?1 ORDER BY id",
+                &format!("SELECT {EVENT_COLUMNS} FROM events WHERE address = ?1 ORDER BY id"),
                 [address.as_str()],
+                event,
+            )
+        })
+    }
+
+    fn events_since(
+        &self,
+        after: i64,
+        kinds: &[&str],
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let limit = sql_limit(limit);
+        if kinds.is_empty() {
+            return self.read(|conn| {
+                rows(
+                    conn,
+                    &format!(
+                        "SELECT {EVENT_COLUMNS} FROM events WHERE id > ?1 ORDER BY id LIMIT ?2"
+                    ),
+                    params![after, limit],
+                    event,
+                )
+            });
+        }
+        // One range of `events_kind` per kind, each cut at the limit, then merged:
+        // a rare kind is found without walking the decisions in between.
+        let mut kinds: Vec<&str> = kinds.to_vec();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let sql = (0..kinds.len())
+            .map(|i| {
+                format!(
+                    "SELECT * FROM (SELECT {EVENT_COLUMNS} FROM events
+                     WHERE kind = ?{} AND id > ?1 ORDER BY id LIMIT ?2)",
+                    i + 3
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ")
+            + " ORDER BY id LIMIT ?2";
+        let mut values: Vec<&dyn rusqlite::ToSql> = vec![&after, &limit];
+        values.extend(kinds.iter().map(|k| k as &dyn rusqlite::ToSql));
+        self.read(|conn| rows(conn, &sql, values.as_slice(), event))
+    }
+
+    fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT event_id FROM webhook_cursors WHERE url = ?1")?
+                .query_row([url], |row| row.get::<_, i64>(0))
+                .optional()?
+                .unwrap_or(0))
+        })
+    }
+
+    fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.prepare_cached(
+                "INSERT INTO webhook_cursors (url, event_id) VALUES (?1, ?2)
+                 ON CONFLICT (url) DO UPDATE SET event_id = excluded.event_id",
+            )?
+            .execute(params![url, event_id])?;
+            Ok(())
+        })
+    }
+
+    fn append_consents(&self, events: &[NewConsentEvent]) -> Result<Vec<usize>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Hashing needs no lock: do it before taking the writer.
+        let hashes: Vec<hmac::Tag> = events
+            .iter()
+            .map(|e| self.erasure_hash(e.address.as_str()))
+            .collect();
+        let now = clock::now();
+        self.write(|tx| {
+            let mut refused = Vec::new();
+            for (i, (event, hash)) in events.iter().zip(&hashes).enumerate() {
+                if is_erased(tx, hash)? {
+                    refused.push(i);
+                } else {
+                    insert_consent(tx, event, now)?;
+                }
+            }
+            Ok(refused)
+        })
+    }
+
+    fn history_page(&self, after: i64, limit: usize) -> Result<Vec<ConsentEvent>, StoreError> {
+        self.read(|conn| {
+            rows(
+                conn,
+                &format!(
+                    "SELECT {HISTORY_COLUMNS} FROM consent_history WHERE id > ?1 ORDER BY id LIMIT ?2"
+                ),
+                params![after, sql_limit(limit)],
+                consent_event,
+            )
+        })
+    }
+
+    fn contacts_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, ContactRecord)>, StoreError> {
+        self.read(|conn| {
+            // One snapshot for the page and every history in it.
+            let tx = conn.unchecked_transaction()?;
+            let mut page = rows(
+                &tx,
+                "SELECT c.id, c.address, c.customer, s.reason, s.detail, s.at
+                     FROM contacts AS c LEFT JOIN suppressions AS s ON s.address = c.address
+                     WHERE c.id > ?1 ORDER BY c.id LIMIT ?2",
+                params![after, sql_limit(limit)],
                 |row| {
-                    Ok(Event {
-                        id: row.get(0)?,
-                        at: row.get(1)?,
-                        kind: row.get(2)?,
-                        message_id: row.get(3)?,
-                        address: row.get(4)?,
-                        purpose: row.get(5)?,
-                        detail: row.get(6)?,
-                        origin: row.get(7)?,
+                    let suppression = match row.get::<_, Option<String>>(3)? {
+                        Some(reason) => Some(Suppression {
+                            reason,
+                            detail: row.get(4)?,
+                            at: row.get(5)?,
+                        }),
+                        None => None,
+                    };
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        ContactRecord {
+                            address: row.get(1)?,
+                            customer: row.get(2)?,
+                            suppression,
+                            history: Vec::new(),
+                        },
+                    ))
+                },
+            )?;
+            for (_, contact) in &mut page {
+                contact.history = history_of(&tx, &contact.address)?;
+            }
+            tx.commit()?;
+            Ok(page)
+        })
+    }
+
+    fn grants_older_than(
+        &self,
+        purpose: &str,
+        granted_at_or_before: i64,
+    ) -> Result<Vec<Grant>, StoreError> {
+        // A grant is current when nothing newer was said for its purpose, nor a
+        // withdrawal from everything.
+        self.read(|conn| {
+            rows(
+                conn,
+                "SELECT h.address, h.purpose, h.id, h.at FROM consent_history AS h
+                     WHERE h.purpose = ?1 AND h.action = 'grant' AND h.at <= ?2
+                     AND h.id = (SELECT max(id) FROM consent_history
+                                 WHERE address = h.address AND purpose = ?1)
+                     AND NOT EXISTS (SELECT 1 FROM consent_history
+                                     WHERE address = h.address AND purpose = ?3
+                                     AND action = 'withdraw' AND id > h.id)
+                     ORDER BY h.at, h.id",
+                params![purpose, granted_at_or_before, ALL_PURPOSES],
+                |row| {
+                    Ok(Grant {
+                        address: row.get(0)?,
+                        purpose: row.get(1)?,
+                        event_id: row.get(2)?,
+                        at: row.get(3)?,
                     })
                 },
             )
         })
     }
 
-    fn events_since(&self, _: i64, _: &[&str], _: usize) -> Result<Vec<Event>, StoreError> {
-        todo!("issue 4 store")
+    fn create_signup(&self, new: &NewSignup) -> Result<i64, StoreError> {
+        let hash = self.erasure_hash(new.address.as_str());
+        let purposes = serde_json::to_string(&new.purposes)
+            .map_err(|e| StoreError::Internal(format!("cannot serialise the purposes: {e}")))?;
+        let evidence = json_text(&new.evidence)?;
+        self.write(|tx| {
+            if is_erased(tx, &hash)? {
+                return Err(StoreError::Erased);
+            }
+            Ok(tx
+                .prepare_cached(
+                    "INSERT INTO signups
+                     (address, purposes, source, wording_version, evidence, at, expires_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+                )?
+                .query_row(
+                    params![
+                        new.address.as_str(),
+                        purposes,
+                        new.source,
+                        new.wording_version,
+                        evidence,
+                        new.at,
+                        new.expires_at
+                    ],
+                    |row| row.get(0),
+                )?)
+        })
     }
-    fn webhook_cursor(&self, _: &str) -> Result<i64, StoreError> {
-        todo!("issue 4 store")
+
+    fn signup(&self, id: i64) -> Result<Option<Signup>, StoreError> {
+        self.read(|conn| find_signup(conn, id))
     }
-    fn set_webhook_cursor(&self, _: &str, _: i64) -> Result<(), StoreError> {
-        todo!("issue 4 store")
+
+    fn confirm_signup(
+        &self,
+        id: i64,
+        at: i64,
+        evidence: serde_json::Value,
+    ) -> Result<Confirmation, StoreError> {
+        let now = clock::now();
+        self.write(|tx| {
+            // Read inside the write transaction: two clicks on the link cannot both
+            // find it unconfirmed.
+            let Some(s) = find_signup(tx, id)? else {
+                return Ok(Confirmation::Unknown);
+            };
+            if s.confirmed_at.is_some() {
+                return Ok(Confirmation::AlreadyConfirmed);
+            }
+            if at > s.expires_at {
+                return Ok(Confirmation::Expired);
+            }
+            let address = Address::parse(&s.address)
+                .map_err(|e| StoreError::Corrupt(format!("sign-up {id}: {e}")))?;
+            let proof = serde_json::json!({
+                "signup": s.evidence,
+                "confirmation": evidence,
+                "wording_version": s.wording_version,
+            });
+            let source = match s.source.as_str() {
+                "" => DOUBLE_OPT_IN.to_string(),
+                other => other.to_string(),
+            };
+            let mut ids = Vec::with_capacity(s.purposes.len());
+            for purpose in &s.purposes {
+                let grant = NewConsentEvent {
+                    address: address.clone(),
+                    purpose: purpose.clone(),
+                    action: ConsentAction::Grant,
+                    at,
+                    source: source.clone(),
+                    evidence: proof.clone(),
+                };
+                ids.push(insert_consent(tx, &grant, now)?);
+            }
+            tx.prepare_cached("UPDATE signups SET confirmed_at = ?2 WHERE id = ?1")?
+                .execute(params![id, at])?;
+            Ok(Confirmation::Recorded(ids))
+        })
     }
-    fn append_consents(&self, _: &[NewConsentEvent]) -> Result<Vec<usize>, StoreError> {
-        todo!("issue 4 store")
+
+    fn signups_since(&self, address: &Address, since: i64) -> Result<usize, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT count(*) FROM signups WHERE address = ?1 AND at >= ?2")?
+                .query_row(params![address.as_str(), since], |row| row.get(0))?)
+        })
     }
-    fn history_page(&self, _: i64, _: usize) -> Result<Vec<ConsentEvent>, StoreError> {
-        todo!("issue 4 store")
+
+    fn signups_for(&self, address: &Address) -> Result<Vec<Signup>, StoreError> {
+        self.read(|conn| {
+            rows(
+                conn,
+                &format!("SELECT {SIGNUP_COLUMNS} FROM signups WHERE address = ?1 ORDER BY id"),
+                [address.as_str()],
+                signup,
+            )
+        })
     }
-    fn contacts_page(&self, _: i64, _: usize) -> Result<Vec<(i64, ContactRecord)>, StoreError> {
-        todo!("issue 4 store")
+
+    fn forget(&self, address: &Address, at: i64) -> Result<bool, StoreError> {
+        let addr = address.as_str();
+        let hash = self.erasure_hash(addr);
+        let mut conn = self
+            .writer
+            .lock()
+            .map_err(|_| poisoned("writer connection"))?;
+        // The writer overwrites deleted rows (secure_delete, set at open).
+        let held = forget_in(&mut conn, addr, hash.as_ref(), at)?;
+        // Best effort: move the overwritten pages from the log into the file and empty
+        // the log, so the old bytes do not linger there either. Readers may hold it up.
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        Ok(held)
     }
-    fn grants_older_than(&self, _: &str, _: i64) -> Result<Vec<Grant>, StoreError> {
-        todo!("issue 4 store")
+}
+
+/// The transaction of [`SqliteStore::forget`]: true if anything was held.
+fn forget_in(
+    conn: &mut Connection,
+    address: &str,
+    hash: &[u8],
+    at: i64,
+) -> Result<bool, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // The one row that lets the history trigger allow these deletions.
+    tx.execute("INSERT INTO forgetting (address) VALUES (?1)", [address])?;
+    let messages: Vec<String> = rows(
+        &tx,
+        "SELECT DISTINCT message_id FROM deliveries WHERE recipient = ?1",
+        [address],
+        |row| Ok(row.get(0)?),
+    )?;
+    let mut held = 0;
+    for sql in [
+        "DELETE FROM deliveries WHERE recipient = ?1",
+        "DELETE FROM consent_history WHERE address = ?1",
+        "DELETE FROM contacts WHERE address = ?1",
+        "DELETE FROM suppressions WHERE address = ?1",
+        "DELETE FROM events WHERE address = ?1",
+        "DELETE FROM signups WHERE address = ?1",
+        "DELETE FROM forgetting WHERE address = ?1",
+    ] {
+        held += tx.execute(sql, [address])?;
     }
-    fn create_signup(&self, _: &NewSignup) -> Result<i64, StoreError> {
-        todo!("issue 4 store")
+    held -= 1; // the `forgetting` row
+    for id in &messages {
+        tx.execute(
+            "DELETE FROM messages WHERE id = ?1
+             AND NOT EXISTS (SELECT 1 FROM deliveries WHERE message_id = ?1)",
+            [id],
+        )?;
     }
-    fn signup(&self, _: i64) -> Result<Option<Signup>, StoreError> {
-        todo!("issue 4 store")
+    let listed = tx.execute(
+        "INSERT INTO erasures (hash, at) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        params![hash, at],
+    )?;
+    if held > 0 || listed > 0 {
+        tx.execute(
+            "INSERT INTO events (at, kind, message_id, address, purpose, detail, origin)
+             VALUES (?1, ?2, NULL, '', NULL, ?3, NULL)",
+            params![
+                at,
+                EVENT_CONTACT_FORGOTTEN,
+                "erased at the person's request (the address is kept only as a keyed hash)"
+            ],
+        )?;
     }
-    fn confirm_signup(&self, _: i64, _: i64, _: serde_json::Value) -> Result<Confirmation, StoreError> {
-        todo!("issue 4 store")
-    }
-    fn signups_since(&self, _: &Address, _: i64) -> Result<usize, StoreError> {
-        todo!("issue 4 store")
-    }
-    fn forget(&self, _: &Address, _: i64) -> Result<bool, StoreError> {
-        todo!("issue 4 store")
-    }
+    tx.commit()?;
+    Ok(held > 0)
 }
 
 #[cfg(test)]
@@ -899,7 +1509,7 @@ mod tests {
         let plan = rows(
             &conn,
             &format!("EXPLAIN QUERY PLAN {FACTS}"),
-            params!["a@example.com", "p", ALL_PURPOSES],
+            params!["a@example.com", "p", ALL_PURPOSES, [0u8; 32].as_slice()],
             |row| Ok(row.get::<_, String>(3)?),
         )
         .unwrap();
@@ -911,7 +1521,7 @@ mod tests {
         });
         assert_eq!(table_scans.count(), 0, "{plan:#?}");
         let seeks = plan.iter().filter(|l| l.starts_with("SEARCH "));
-        assert_eq!(seeks.count(), 6, "{plan:#?}");
+        assert_eq!(seeks.count(), 7, "{plan:#?}");
     }
 
     #[test]
@@ -1222,8 +1832,25 @@ mod tests {
             vec!["decision", "deferred"]
         );
         let cid = store.events_for(&addr("cid@example.com")).unwrap();
-        assert_eq!(kinds(&cid), vec!["decision", "bounced"]);
+        assert_eq!(
+            kinds(&cid),
+            vec!["decision", "suppression.added", "bounced"]
+        );
         assert_eq!(cid[1].detail, "550 5.1.1 no such user");
+        assert_eq!(cid[2].detail, "550 5.1.1 no such user");
+        assert_eq!(
+            (
+                cid[1].at,
+                cid[1].purpose.as_deref(),
+                cid[1].origin.as_deref()
+            ),
+            (1_012, Some("newsletter"), None)
+        );
+        assert_eq!(
+            kinds(&store.events_for(&addr("dan@example.com")).unwrap()),
+            vec!["decision", "bounced"],
+            "an expiry adds no suppression"
+        );
 
         let facts = store
             .consent_facts(
@@ -1403,5 +2030,733 @@ mod tests {
             latest.purpose_event.as_ref().map(|e| (e.id, e.action)),
             cid.history.last().map(|e| (e.id, Withdraw))
         );
+    }
+
+    fn consent(address: &str, purpose: &str, action: ConsentAction, at: i64) -> NewConsentEvent {
+        NewConsentEvent {
+            address: addr(address),
+            purpose: purpose.into(),
+            action,
+            at,
+            source: "import".into(),
+            evidence: serde_json::json!({ "line": at }),
+        }
+    }
+
+    fn signup_for(address: &str, purposes: &[&str], at: i64, source: &str) -> NewSignup {
+        NewSignup {
+            address: addr(address),
+            purposes: purposes.iter().map(|p| p.to_string()).collect(),
+            source: source.into(),
+            wording_version: "form-v2".into(),
+            evidence: serde_json::json!({ "ip": "198.51.100.4", "user_agent": "Firefox" }),
+            at,
+            expires_at: at + 3_600,
+        }
+    }
+
+    /// Every table of the file whose rows mention `needle`, in any column, as text or bytes.
+    fn tables_mentioning(path: &Path, needle: &str) -> Vec<String> {
+        let raw = Connection::open(path).unwrap();
+        let tables: Vec<String> = raw
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(tables.len() >= 10, "{tables:?}");
+        let mut found = Vec::new();
+        for table in tables {
+            let mut stmt = raw.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
+            let columns = stmt.column_count();
+            let mut rows = stmt.query([]).unwrap();
+            while let Some(row) = rows.next().unwrap() {
+                let hit = (0..columns).any(|i| match row.get_ref(i).unwrap() {
+                    rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => {
+                        b.windows(needle.len()).any(|w| w == needle.as_bytes())
+                    }
+                    _ => false,
+                });
+                if hit {
+                    found.push(table.clone());
+                    break;
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_consent_change_is_an_event_of_the_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let granted = record(&store, "ann@example.com", "newsletter", Grant, 100);
+        store
+            .enqueue(&[message("M1", 150, &[("ann@example.com", true)])])
+            .unwrap();
+        let withdrawn = record(&store, "ann@example.com", ALL_PURPOSES, Withdraw, 200);
+
+        let ann = store.events_for(&addr("ann@example.com")).unwrap();
+        assert_eq!(
+            kinds(&ann),
+            vec!["consent.granted", "decision", "consent.withdrawn"]
+        );
+        let g = &ann[0];
+        assert_eq!(
+            (
+                g.at,
+                g.purpose.as_deref(),
+                g.detail.clone(),
+                g.origin.as_deref()
+            ),
+            (100, Some("newsletter"), granted.to_string(), Some("test"))
+        );
+        assert_eq!(g.message_id, None);
+        assert_eq!(ann[1].origin.as_deref(), Some("listmonk@192.0.2.7"));
+        assert_eq!(
+            (ann[2].purpose.as_deref(), ann[2].detail.clone()),
+            (Some("all"), withdrawn.to_string())
+        );
+
+        // The feed: everything after a cursor, or only some kinds.
+        let all = store.events_since(0, &[], 100).unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![ann[0].id, ann[1].id, ann[2].id]
+        );
+        assert_eq!(
+            store.events_since(ann[0].id, &[], 1).unwrap()[0].id,
+            ann[1].id
+        );
+        let changes = store
+            .events_since(
+                0,
+                &[
+                    EVENT_CONSENT_WITHDRAWN,
+                    EVENT_CONSENT_GRANTED,
+                    EVENT_CONSENT_GRANTED,
+                ],
+                10,
+            )
+            .unwrap();
+        assert_eq!(
+            kinds(&changes),
+            vec!["consent.granted", "consent.withdrawn"]
+        );
+        assert!(store.events_since(ann[2].id, &[], 10).unwrap().is_empty());
+        assert!(
+            store
+                .events_since(0, &["nothing.like.this"], 10)
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_feed_by_kind_pages_across_many_other_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let mut grants = Vec::new();
+        for round in 0..5 {
+            let batch: Vec<NewMessage> = (0..40)
+                .map(|i| message(&format!("M{round}-{i}"), i, &[("bob@example.com", false)]))
+                .collect();
+            store.enqueue(&batch).unwrap();
+            grants.push(record(
+                &store,
+                "ann@example.com",
+                "newsletter",
+                Grant,
+                round,
+            ));
+            record(&store, "ann@example.com", "newsletter", Withdraw, round);
+        }
+        // Pages of two grants, oldest first, whatever lies between them.
+        let mut cursor = 0;
+        let mut seen = Vec::new();
+        loop {
+            let page = store
+                .events_since(cursor, &[EVENT_CONSENT_GRANTED], 2)
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            cursor = last.id;
+            assert!(page.len() <= 2);
+            seen.extend(page.iter().map(|e| e.detail.parse::<i64>().unwrap()));
+        }
+        assert_eq!(seen, grants);
+        let mixed = store
+            .events_since(0, &[EVENT_CONSENT_GRANTED, EVENT_CONSENT_WITHDRAWN], 3)
+            .unwrap();
+        assert_eq!(
+            kinds(&mixed),
+            vec!["consent.granted", "consent.withdrawn", "consent.granted"]
+        );
+        assert!(mixed.windows(2).all(|w| w[0].id < w[1].id));
+        assert_eq!(store.events_since(0, &[], 1_000).unwrap().len(), 5 * 42);
+
+        // Each kind is a range of the kind index, not a walk through the decisions.
+        let conn = store.writer.lock().unwrap();
+        let plan = rows(
+            &conn,
+            "EXPLAIN QUERY PLAN SELECT id FROM events WHERE kind = ?1 AND id > ?2 ORDER BY id LIMIT 2",
+            params!["x", 0],
+            |row| Ok(row.get::<_, String>(3)?),
+        )
+        .unwrap();
+        assert!(plan.iter().any(|l| l.contains("events_kind")), "{plan:#?}");
+    }
+
+    #[test]
+    fn webhook_cursors_are_kept_per_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let crm = "https://crm.example.com/hook";
+        assert_eq!(store.webhook_cursor(crm).unwrap(), 0);
+        store.set_webhook_cursor(crm, 41).unwrap();
+        store.set_webhook_cursor(crm, 42).unwrap();
+        store
+            .set_webhook_cursor("https://mailer.example.com/hook", 7)
+            .unwrap();
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.webhook_cursor(crm).unwrap(), 42);
+        assert_eq!(
+            store
+                .webhook_cursor("https://mailer.example.com/hook")
+                .unwrap(),
+            7
+        );
+        assert_eq!(
+            store.webhook_cursor("https://other.example.com/").unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn bulk_consents_are_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optgate.db");
+        let store = open(&dir);
+        let events: Vec<NewConsentEvent> = (0..2_000)
+            .map(|i| consent(&format!("r{i}@example.com"), "newsletter", Grant, i))
+            .collect();
+        assert!(store.append_consents(&events).unwrap().is_empty());
+        assert!(store.append_consents(&[]).unwrap().is_empty());
+        let page = store.history_page(0, 5_000).unwrap();
+        assert_eq!(page.len(), 2_000);
+        let e = &page[1_999];
+        assert_eq!(
+            (
+                e.address.as_str(),
+                e.purpose.as_str(),
+                e.action,
+                e.at,
+                e.source.as_str()
+            ),
+            ("r1999@example.com", "newsletter", Grant, 1_999, "import")
+        );
+        assert_eq!(e.evidence, serde_json::json!({ "line": 1_999 }));
+        assert_eq!(
+            store
+                .events_since(0, &[EVENT_CONSENT_GRANTED], 5_000)
+                .unwrap()
+                .len(),
+            2_000
+        );
+
+        // A failure on the last event leaves none of the batch behind.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TRIGGER refuse BEFORE INSERT ON consent_history
+                 WHEN NEW.address = 'last@example.com'
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+            )
+            .unwrap();
+        let mut failing: Vec<NewConsentEvent> = (0..500)
+            .map(|i| consent(&format!("n{i}@example.com"), "newsletter", Grant, i))
+            .collect();
+        failing.push(consent("last@example.com", "newsletter", Grant, 9));
+        let err = store.append_consents(&failing).unwrap_err();
+        assert!(err.to_string().contains("refused by the test"), "{err}");
+        assert_eq!(store.history_page(0, 5_000).unwrap().len(), 2_000);
+        assert!(store.contact(&addr("n0@example.com")).unwrap().is_none());
+        assert_eq!(store.events_since(0, &[], 5_000).unwrap().len(), 2_000);
+    }
+
+    #[test]
+    fn exports_page_through_history_and_contacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let a1 = record(&store, "ann@example.com", "newsletter", Grant, 10);
+        let b1 = record(&store, "bob@example.com", "newsletter", Grant, 20);
+        let a2 = record(&store, "ann@example.com", ALL_PURPOSES, Withdraw, 30);
+        store.set_customer(&addr("cid@example.com"), true).unwrap();
+        store
+            .suppress(&addr("bob@example.com"), "hard bounce", "550", 40)
+            .unwrap();
+
+        let first = store.history_page(0, 2).unwrap();
+        assert_eq!(first.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a1, b1]);
+        let rest = store.history_page(b1, 2).unwrap();
+        assert_eq!(rest.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a2]);
+        assert!(store.history_page(a2, 2).unwrap().is_empty());
+
+        let page = store.contacts_page(0, 2).unwrap();
+        assert_eq!(page.len(), 2);
+        let (ann_id, ann) = &page[0];
+        assert_eq!(ann.address, "ann@example.com");
+        assert_eq!(
+            ann.history.iter().map(|e| e.id).collect::<Vec<_>>(),
+            vec![a1, a2]
+        );
+        assert!(!ann.customer && ann.suppression.is_none());
+        let (bob_id, bob) = &page[1];
+        assert!(bob_id > ann_id);
+        assert_eq!(
+            bob.suppression.as_ref().map(|s| (s.reason.as_str(), s.at)),
+            Some(("hard bounce", 40))
+        );
+        let last = store.contacts_page(*bob_id, 2).unwrap();
+        assert_eq!(last.len(), 1);
+        assert_eq!(last[0].1.address, "cid@example.com");
+        assert!(last[0].1.customer && last[0].1.history.is_empty());
+        assert!(store.contacts_page(last[0].0, 2).unwrap().is_empty());
+    }
+
+    #[test]
+    fn current_old_grants_are_found_for_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let old = record(&store, "old@example.com", "newsletter", Grant, 100);
+        record(&store, "renewed@example.com", "newsletter", Grant, 100);
+        record(&store, "renewed@example.com", "newsletter", Grant, 900);
+        record(&store, "gone@example.com", "newsletter", Grant, 100);
+        record(&store, "gone@example.com", "newsletter", Withdraw, 150);
+        record(&store, "objected@example.com", "newsletter", Grant, 100);
+        record(&store, "objected@example.com", ALL_PURPOSES, Withdraw, 150);
+        record(&store, "back@example.com", ALL_PURPOSES, Withdraw, 50);
+        let back = record(&store, "back@example.com", "newsletter", Grant, 200);
+        record(&store, "other@example.com", "offers", Grant, 100);
+        // An import of an older grant after a newer one: the newest event is what counts.
+        record(&store, "late@example.com", "newsletter", Grant, 800);
+        let late = record(&store, "late@example.com", "newsletter", Grant, 120);
+
+        let found = store.grants_older_than("newsletter", 500).unwrap();
+        let got: Vec<(&str, i64, i64)> = found
+            .iter()
+            .map(|g| (g.address.as_str(), g.event_id, g.at))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("old@example.com", old, 100),
+                ("late@example.com", late, 120),
+                ("back@example.com", back, 200)
+            ]
+        );
+        assert!(found.iter().all(|g| g.purpose == "newsletter"));
+        assert_eq!(store.grants_older_than("newsletter", 99).unwrap().len(), 0);
+        assert_eq!(store.grants_older_than("offers", 100).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn sign_ups_are_confirmed_once_with_both_proofs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let ann = addr("ann@example.com");
+        let id = store
+            .create_signup(&signup_for(
+                "ann@example.com",
+                &["newsletter", "offers"],
+                1_000,
+                "",
+            ))
+            .unwrap();
+        let other = store
+            .create_signup(&signup_for(
+                "ann@example.com",
+                &["newsletter"],
+                1_500,
+                "footer-form",
+            ))
+            .unwrap();
+        assert!(other > id);
+        let s = store.signup(id).unwrap().unwrap();
+        assert_eq!(
+            (
+                s.address.as_str(),
+                s.purposes.clone(),
+                s.wording_version.as_str(),
+                s.at,
+                s.expires_at
+            ),
+            (
+                "ann@example.com",
+                vec!["newsletter".to_string(), "offers".into()],
+                "form-v2",
+                1_000,
+                4_600
+            )
+        );
+        assert_eq!(s.evidence["user_agent"], "Firefox");
+        assert_eq!(s.confirmed_at, None);
+        assert!(store.signup(other + 1).unwrap().is_none());
+        assert_eq!(store.signups_since(&ann, 1_000).unwrap(), 2);
+        assert_eq!(store.signups_since(&ann, 1_001).unwrap(), 1);
+        assert_eq!(store.signups_since(&addr("bob@example.com"), 0).unwrap(), 0);
+        assert!(
+            store.contact(&ann).unwrap().is_none(),
+            "a sign-up is no consent"
+        );
+
+        let confirmation = serde_json::json!({ "ip": "198.51.100.9", "user_agent": "Safari" });
+        assert_eq!(
+            store
+                .confirm_signup(other + 1, 1_100, confirmation.clone())
+                .unwrap(),
+            Confirmation::Unknown
+        );
+        assert_eq!(
+            store
+                .confirm_signup(id, 4_601, confirmation.clone())
+                .unwrap(),
+            Confirmation::Expired
+        );
+        let Confirmation::Recorded(ids) = store
+            .confirm_signup(id, 4_600, confirmation.clone())
+            .unwrap()
+        else {
+            panic!("not recorded");
+        };
+        assert_eq!(ids.len(), 2);
+        assert_eq!(
+            store
+                .confirm_signup(id, 4_600, confirmation.clone())
+                .unwrap(),
+            Confirmation::AlreadyConfirmed
+        );
+        assert_eq!(store.signup(id).unwrap().unwrap().confirmed_at, Some(4_600));
+
+        let history = store.contact(&ann).unwrap().unwrap().history;
+        assert_eq!(history.iter().map(|e| e.id).collect::<Vec<_>>(), ids);
+        assert_eq!(
+            history
+                .iter()
+                .map(|e| e.purpose.as_str())
+                .collect::<Vec<_>>(),
+            vec!["newsletter", "offers"]
+        );
+        let e = &history[0];
+        assert_eq!(
+            (e.action, e.at, e.source.as_str()),
+            (Grant, 4_600, "double-opt-in")
+        );
+        assert_eq!(e.evidence["signup"]["ip"], "198.51.100.4");
+        assert_eq!(e.evidence["confirmation"], confirmation);
+        assert_eq!(e.evidence["wording_version"], "form-v2");
+        let facts = &store
+            .consent_facts(std::slice::from_ref(&ann), "newsletter")
+            .unwrap()[0];
+        assert_eq!(facts.purpose_event.as_ref().map(|e| e.id), Some(ids[0]));
+        let events = store.events_since(0, &[EVENT_CONSENT_GRANTED], 10).unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].origin.as_deref(), Some("double-opt-in"));
+
+        // The sign-up's own source is kept.
+        let Confirmation::Recorded(ids) = store.confirm_signup(other, 2_000, confirmation).unwrap()
+        else {
+            panic!("not recorded");
+        };
+        let last = store.contact(&ann).unwrap().unwrap().history;
+        assert_eq!(
+            last.last().map(|e| (e.id, e.source.as_str())),
+            Some((ids[0], "footer-form"))
+        );
+        let listed = store.signups_for(&ann).unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .map(|s| (s.id, s.confirmed_at))
+                .collect::<Vec<_>>(),
+            vec![(id, Some(4_600)), (other, Some(2_000))]
+        );
+    }
+
+    #[test]
+    fn forgetting_leaves_only_a_keyed_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optgate.db");
+        let store = open(&dir);
+        let ann = addr("ann@example.com");
+        let bob = addr("bob@example.com");
+        record(&store, "ann@example.com", "newsletter", Grant, 10);
+        record(&store, "ann@example.com", ALL_PURPOSES, Withdraw, 20);
+        record(&store, "bob@example.com", "newsletter", Grant, 10);
+        store.set_customer(&ann, true).unwrap();
+        store
+            .create_signup(&signup_for("ann@example.com", &["newsletter"], 30, ""))
+            .unwrap();
+        store
+            .enqueue(&[
+                message(
+                    "SHARED",
+                    40,
+                    &[("ann@example.com", true), ("bob@example.com", true)],
+                ),
+                message("ANN", 41, &[("ann@example.com", true)]),
+            ])
+            .unwrap();
+        store
+            .record_outcomes(&[outcome(
+                "ANN",
+                "ann@example.com",
+                42,
+                OutcomeKind::Deferred {
+                    next_attempt_at: 99,
+                    error: "451 later".into(),
+                },
+            )])
+            .unwrap();
+        store
+            .suppress(&ann, "complaint", "abuse report", 43)
+            .unwrap();
+        let ann_id = store.contact_id(&ann).unwrap();
+        let bob_id = store.contact_id(&bob).unwrap();
+        let before = store
+            .events_since(0, &[], 1_000)
+            .unwrap()
+            .last()
+            .unwrap()
+            .id;
+
+        assert!(store.forget(&ann, 50).unwrap());
+
+        assert_eq!(
+            tables_mentioning(&path, "ann@example.com"),
+            Vec::<String>::new()
+        );
+        // Nor in the file's free pages or its log: deleted rows are overwritten.
+        for file in ["optgate.db", "optgate.db-wal"] {
+            let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+            assert!(
+                !bytes.windows(15).any(|w| w == b"ann@example.com"),
+                "{file}"
+            );
+        }
+        assert!(!tables_mentioning(&path, "bob@example.com").is_empty());
+        assert!(store.contact(&ann).unwrap().is_none());
+        assert!(store.events_for(&ann).unwrap().is_empty());
+        assert!(store.signups_for(&ann).unwrap().is_empty());
+        assert_eq!(store.contact_address(ann_id).unwrap(), None);
+        assert!(
+            store.message("ANN").unwrap().is_none(),
+            "a message left with no delivery goes"
+        );
+        assert!(
+            store.message("SHARED").unwrap().is_some(),
+            "bob still needs it"
+        );
+        assert_eq!(
+            store
+                .pending_deliveries()
+                .unwrap()
+                .iter()
+                .map(|p| p.recipient.as_str())
+                .collect::<Vec<_>>(),
+            vec!["bob@example.com"]
+        );
+        let logged = store.events_since(before, &[], 10).unwrap();
+        assert_eq!(kinds(&logged), vec!["contact.forgotten"]);
+        assert_eq!((logged[0].address.as_str(), logged[0].at), ("", 50));
+
+        // Never mailed, imported or recorded again.
+        let facts = store
+            .consent_facts(&[ann.clone(), bob.clone()], "newsletter")
+            .unwrap();
+        assert!(facts[0].erased && !facts[1].erased);
+        assert_eq!(facts[0].purpose_event, None);
+        assert!(matches!(
+            store.append_consent(&consent("ann@example.com", "newsletter", Grant, 60)),
+            Err(StoreError::Erased)
+        ));
+        assert!(matches!(
+            store.create_signup(&signup_for("ann@example.com", &["newsletter"], 60, "")),
+            Err(StoreError::Erased)
+        ));
+        assert!(matches!(
+            store.set_customer(&ann, true),
+            Err(StoreError::Erased)
+        ));
+        assert!(matches!(
+            store.suppress(&ann, "manual", "", 60),
+            Err(StoreError::Erased)
+        ));
+        let refused = store
+            .append_consents(&[
+                consent("cid@example.com", "newsletter", Grant, 60),
+                consent("ann@example.com", "newsletter", Grant, 60),
+                consent("bob@example.com", "newsletter", Withdraw, 60),
+            ])
+            .unwrap();
+        assert_eq!(refused, vec![1]);
+        assert_eq!(store.contact(&bob).unwrap().unwrap().history.len(), 2);
+        // A decision about them is still logged, without their address.
+        let mut refused_message = message("AFTER", 70, &[("ann@example.com", false)]);
+        refused_message.recipients[0].reason = "suppressed: erased".into();
+        store.enqueue(&[refused_message]).unwrap();
+        // So is the result of a delivery that was in flight: it is not.
+        store
+            .record_outcomes(&[outcome(
+                "SHARED",
+                "ann@example.com",
+                71,
+                OutcomeKind::Failed {
+                    error: "550 5.1.1 no such user".into(),
+                    suppress: true,
+                },
+            )])
+            .unwrap();
+        assert_eq!(
+            tables_mentioning(&path, "ann@example.com"),
+            Vec::<String>::new()
+        );
+        let decision = store
+            .events_since(logged[0].id, &[EVENT_DECISION], 10)
+            .unwrap();
+        assert_eq!(kinds(&decision), vec!["decision"]);
+        let unnamed = store.events_since(logged[0].id, &[], 10).unwrap();
+        assert_eq!(unnamed.iter().filter(|e| e.address.is_empty()).count(), 1);
+        assert_eq!(
+            (decision[0].address.as_str(), decision[0].detail.as_str()),
+            ("", "suppressed: erased")
+        );
+
+        // The history is still append-only for everyone else.
+        let raw = Connection::open(&path).unwrap();
+        let refused = raw.execute(
+            "DELETE FROM consent_history WHERE address = 'bob@example.com'",
+            [],
+        );
+        assert!(refused.unwrap_err().to_string().contains("append-only"));
+        assert!(
+            raw.execute("UPDATE consent_history SET at = 0", [])
+                .is_err()
+        );
+
+        // Nothing more to forget; an address never seen is listed all the same.
+        assert!(!store.forget(&ann, 80).unwrap());
+        let cid = addr("cid@example.com");
+        let dan = addr("dan@example.com");
+        assert!(store.forget(&cid, 81).unwrap());
+        assert!(!store.forget(&dan, 82).unwrap());
+        assert!(store.consent_facts(&[dan], "newsletter").unwrap()[0].erased);
+        assert_eq!(
+            kinds(
+                &store
+                    .events_since(decision[0].id, &[EVENT_CONTACT_FORGOTTEN], 10)
+                    .unwrap()
+            ),
+            vec!["contact.forgotten", "contact.forgotten"],
+            "one per erasure, none for a repeat"
+        );
+
+        // A new contact never gets a forgotten one's number.
+        let eve = store.contact_id(&addr("eve@example.com")).unwrap();
+        assert!(eve > ann_id.max(bob_id));
+    }
+
+    #[test]
+    fn the_erasure_key_is_private_and_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("optgate.db.erasure-key");
+        let store = open(&dir);
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(&key).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        store.forget(&addr("ann@example.com"), 1).unwrap();
+        drop(store);
+
+        // Reopened: the same key, so the same hash is still found.
+        let store = open(&dir);
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), text);
+        assert!(
+            store
+                .consent_facts(&[addr("ann@example.com")], "p")
+                .unwrap()[0]
+                .erased
+        );
+        drop(store);
+
+        // Without its key the erasure list means nothing: refuse to open.
+        std::fs::remove_file(&key).unwrap();
+        let err = SqliteStore::open(&dir.path().join("optgate.db"), true)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("erasure-key is missing"), "{err}");
+        std::fs::write(&key, "not hex\n").unwrap();
+        let err = SqliteStore::open(&dir.path().join("optgate.db"), true)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not a key"), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated_with_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optgate.db");
+        {
+            let raw = Connection::open(&path).unwrap();
+            raw.execute_batch(MIGRATIONS[0]).unwrap();
+            raw.execute_batch(
+                "INSERT INTO contacts (id, address, customer, created_at) VALUES
+                     (1, 'ann@example.com', 1, 5), (7, 'bob@example.com', 0, 6);
+                 INSERT INTO consent_history (address, purpose, action, at, recorded_at, source, evidence)
+                     VALUES ('bob@example.com', 'newsletter', 'grant', 9, 9, 'cli', '{}');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path, true).unwrap();
+        assert_eq!(store.contact_id(&addr("ann@example.com")).unwrap(), 1);
+        assert_eq!(store.contact_id(&addr("bob@example.com")).unwrap(), 7);
+        assert!(
+            store
+                .contact(&addr("ann@example.com"))
+                .unwrap()
+                .unwrap()
+                .customer
+        );
+        assert_eq!(
+            store
+                .contact(&addr("bob@example.com"))
+                .unwrap()
+                .unwrap()
+                .history
+                .len(),
+            1
+        );
+        assert!(store.forget(&addr("bob@example.com"), 10).unwrap());
+        assert_eq!(store.contact_id(&addr("cid@example.com")).unwrap(), 8);
+        // The history still refers to the contacts table, and foreign keys hold.
+        let err = store
+            .writer
+            .lock()
+            .unwrap()
+            .execute(
+                "INSERT INTO consent_history (address, purpose, action, at, recorded_at, source, evidence)
+                 VALUES ('nobody@example.com', 'p', 'grant', 1, 1, 'x', '{}')",
+                [],
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
+        let raw = Connection::open(&path).unwrap();
+        let version: usize = raw
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
     }
 }

@@ -170,7 +170,12 @@ impl Store for Flaky {
     fn events_for(&self, address: &Address) -> Result<Vec<Event>, StoreError> {
         self.run(Op::EventsFor, |s| s.events_for(address))
     }
-    fn events_since(&self, after: i64, kinds: &[&str], limit: usize) -> Result<Vec<Event>, StoreError> {
+    fn events_since(
+        &self,
+        after: i64,
+        kinds: &[&str],
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
         self.run(Op::Other, |s| s.events_since(after, kinds, limit))
     }
     fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError> {
@@ -185,7 +190,11 @@ impl Store for Flaky {
     fn history_page(&self, after: i64, limit: usize) -> Result<Vec<ConsentEvent>, StoreError> {
         self.run(Op::Other, |s| s.history_page(after, limit))
     }
-    fn contacts_page(&self, after: i64, limit: usize) -> Result<Vec<(i64, ContactRecord)>, StoreError> {
+    fn contacts_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, ContactRecord)>, StoreError> {
         self.run(Op::Other, |s| s.contacts_page(after, limit))
     }
     fn grants_older_than(&self, purpose: &str, at: i64) -> Result<Vec<Grant>, StoreError> {
@@ -197,11 +206,19 @@ impl Store for Flaky {
     fn signup(&self, id: i64) -> Result<Option<Signup>, StoreError> {
         self.run(Op::Other, |s| s.signup(id))
     }
-    fn confirm_signup(&self, id: i64, at: i64, evidence: serde_json::Value) -> Result<Confirmation, StoreError> {
+    fn confirm_signup(
+        &self,
+        id: i64,
+        at: i64,
+        evidence: serde_json::Value,
+    ) -> Result<Confirmation, StoreError> {
         self.run(Op::Other, |s| s.confirm_signup(id, at, evidence))
     }
     fn signups_since(&self, address: &Address, since: i64) -> Result<usize, StoreError> {
         self.run(Op::Other, |s| s.signups_since(address, since))
+    }
+    fn signups_for(&self, address: &Address) -> Result<Vec<Signup>, StoreError> {
+        self.run(Op::Other, |s| s.signups_for(address))
     }
     fn forget(&self, address: &Address, at: i64) -> Result<bool, StoreError> {
         self.run(Op::Other, |s| s.forget(address, at))
