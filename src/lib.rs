@@ -25,3 +25,4 @@ pub mod spool;
 pub mod store;
 pub mod token;
 pub mod web;
+pub mod webhook;

@@ -411,7 +411,7 @@ fn describe(e: &smtp::Error) -> String {
 }
 
 /// The error and its causes, as one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

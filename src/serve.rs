@@ -45,6 +45,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ready,
         shutdown.child_token(),
     );
+    let webhooks = crate::webhook::start(&config.webhooks, store.clone(), shutdown.child_token())?;
     let inbound = Arc::new(Inbound {
         config: config.clone(),
         policy: Policy::new(store.clone()),
@@ -54,6 +55,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         store: store.clone(),
         tokens,
+        // Confirmation mails go through the queue like any accepted message.
+        spool: inbound.spool.clone(),
     });
     // A listener that fails (a port already in use) stops everything, like a signal.
     let listeners = {
@@ -82,6 +85,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown.cancel();
     let (smtp_result, http_result) = listeners.await.context("listener task")?;
     delivery.await.context("delivery task")?;
+    webhooks.await.context("webhook workers")?;
     // Every Spool handle is gone now, so the writer commits what it holds and ends.
     spool_writer.await.context("spool writer")?;
     smtp_result.context("smtp")?;
