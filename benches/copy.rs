@@ -1,0 +1,266 @@
+//! The per-recipient work of a delivery, measured on the reference newsletter
+//! (`../shared/fixtures/newsletter.eml`, or the file named by `OPTGATE_BENCH_MESSAGE`):
+//!
+//! - `rewrite`: `Prepared::new` (once per message) and `Prepared::render` (per copy);
+//! - `dkim`: signing one rendered copy with RSA-2048 and with Ed25519;
+//! - `copy`: render + sign, what each recipient costs in CPU;
+//! - `token`: the signed unsubscribe token in each copy's links;
+//! - `store`: `consent_facts` (the policy's lookup, for 1 and for 10 recipients) and
+//!   `contact_id` (each copy's link names the contact) on a database of 100 000
+//!   contacts (`OPTGATE_BENCH_CONTACTS` to change), built once in a temporary folder.
+//!
+//! Run: `cargo bench --bench copy` (a filter narrows it: `cargo bench --bench copy -- dkim`).
+
+use std::path::PathBuf;
+use std::sync::LazyLock;
+
+use divan::{Bencher, black_box};
+use optgate::address::Address;
+use optgate::dkim::{self, Algorithm, Signers};
+use optgate::rewrite::{Footer, Links, Prepared};
+use optgate::store::{ConsentAction, NewConsentEvent, SqliteStore, Store};
+use optgate::token::{Claims, TokenKey, TokenKeys, TokenKind, purpose_tag};
+
+fn main() {
+    divan::main();
+}
+
+const HOSTNAME: &str = "optgate.example";
+const PURPOSE: &str = "newsletter";
+
+/// The message as the queue holds it: CRLF line endings.
+static MESSAGE: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let path = std::env::var_os("OPTGATE_BENCH_MESSAGE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/newsletter.eml")
+        });
+    let raw = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read {} ({e}): set OPTGATE_BENCH_MESSAGE",
+            path.display()
+        )
+    });
+    let mut crlf = Vec::with_capacity(raw.len() + raw.len() / 40);
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        crlf.extend_from_slice(line);
+        crlf.extend_from_slice(b"\r\n");
+    }
+    crlf
+});
+
+static FOOTER: LazyLock<Footer> = LazyLock::new(|| Footer::default_for("fr", "Newsletter"));
+
+static PREPARED: LazyLock<Prepared> = LazyLock::new(|| Prepared::new(&MESSAGE, &FOOTER, HOSTNAME));
+
+static TOKENS: LazyLock<TokenKeys> =
+    LazyLock::new(|| TokenKeys::new(vec![TokenKey::new(1, &[42; 32], None).unwrap()]).unwrap());
+
+/// A link as delivery makes it: the public URL and a token for contact 12 345.
+static UNSUBSCRIBE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "https://news.example.com/u/{}",
+        TOKENS.issue(claims(12_345))
+    )
+});
+
+fn claims(contact: u64) -> Claims {
+    Claims {
+        kind: TokenKind::Unsubscribe,
+        subject: contact,
+        scope: purpose_tag(PURPOSE),
+    }
+}
+
+fn links() -> Links<'static> {
+    Links {
+        unsubscribe: &UNSUBSCRIBE,
+        preferences: None,
+        mailto: None,
+    }
+}
+
+/// One rendered copy, as handed to DKIM.
+static RENDERED: LazyLock<Vec<u8>> = LazyLock::new(|| PREPARED.render(&links()).bytes);
+
+static KEY_DIR: LazyLock<tempfile::TempDir> = LazyLock::new(|| tempfile::tempdir().unwrap());
+
+fn signers(algorithm: Algorithm) -> Signers {
+    let key = dkim::generate("example.com", "bench", algorithm).unwrap();
+    let path = KEY_DIR.path().join(match algorithm {
+        Algorithm::RsaSha256 => "rsa.pem",
+        Algorithm::Ed25519Sha256 => "ed25519.pem",
+    });
+    std::fs::write(&path, key.private_pem).unwrap();
+    let mut signers = Signers::default();
+    signers
+        .add_key_file("example.com", "bench", algorithm, &path)
+        .unwrap();
+    signers
+}
+
+static RSA: LazyLock<Signers> = LazyLock::new(|| signers(Algorithm::RsaSha256));
+static ED25519: LazyLock<Signers> = LazyLock::new(|| signers(Algorithm::Ed25519Sha256));
+
+fn signer(algorithm: &str) -> &'static Signers {
+    match algorithm {
+        "rsa" => &RSA,
+        _ => &ED25519,
+    }
+}
+
+mod rewrite {
+    use super::*;
+
+    /// Once per message: parse, plan, pre-encode.
+    #[divan::bench]
+    fn prepare(bencher: Bencher) {
+        LazyLock::force(&MESSAGE);
+        LazyLock::force(&FOOTER);
+        bencher.bench(|| Prepared::new(black_box(&MESSAGE), &FOOTER, HOSTNAME));
+    }
+
+    /// Once per recipient.
+    #[divan::bench]
+    fn render(bencher: Bencher) {
+        LazyLock::force(&PREPARED);
+        let links = links();
+        bencher.bench(|| PREPARED.render(black_box(&links)));
+    }
+}
+
+/// Signing one rendered copy.
+#[divan::bench(args = ["rsa", "ed25519"])]
+fn dkim(bencher: Bencher, algorithm: &str) {
+    let signers = signer(algorithm);
+    LazyLock::force(&RENDERED);
+    bencher.bench(|| signers.sign(black_box(&RENDERED)).unwrap());
+}
+
+/// What each recipient costs in CPU: its copy rendered, then signed.
+#[divan::bench(args = ["rsa", "ed25519"])]
+fn copy(bencher: Bencher, algorithm: &str) {
+    let signers = signer(algorithm);
+    LazyLock::force(&PREPARED);
+    let links = links();
+    bencher.bench(|| {
+        let rendered = PREPARED.render(black_box(&links));
+        signers.sign(&rendered.bytes).unwrap()
+    });
+}
+
+/// The unsubscribe token of one copy.
+#[divan::bench]
+fn token(bencher: Bencher) {
+    LazyLock::force(&TOKENS);
+    bencher.bench(|| TOKENS.issue(black_box(claims(12_345))));
+}
+
+mod store {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    struct Db {
+        _dir: tempfile::TempDir,
+        store: SqliteStore,
+        addresses: Vec<Address>,
+    }
+
+    /// COUNT contacts, each with a consent for the purpose, one in ten withdrawn since.
+    static DB: LazyLock<Db> = LazyLock::new(|| {
+        let count: usize = std::env::var("OPTGATE_BENCH_CONTACTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let dir = tempfile::tempdir().unwrap();
+        // fsync off only to build it quickly; lookups do not write.
+        let store = SqliteStore::open(&dir.path().join("optgate.db"), false).unwrap();
+        let now = optgate::clock::now();
+        let started = std::time::Instant::now();
+        let mut addresses = Vec::with_capacity(count);
+        let mut batch = Vec::with_capacity(11_000);
+        for i in 0..count {
+            let address = Address::parse(&format!("contact{i:06}@example.org")).unwrap();
+            let at = now - 86_400 - (i as i64 * 617) % (700 * 86_400);
+            let event = NewConsentEvent {
+                address: address.clone(),
+                purpose: PURPOSE.into(),
+                action: ConsentAction::Grant,
+                at,
+                source: "benchmark".into(),
+                evidence: serde_json::json!({}),
+            };
+            batch.push(event.clone());
+            if i % 10 == 9 {
+                batch.push(NewConsentEvent {
+                    action: ConsentAction::Withdraw,
+                    at: at + 3_600,
+                    ..event
+                });
+            }
+            addresses.push(address);
+            if batch.len() >= 10_000 || i + 1 == count {
+                store.append_consents(&batch).unwrap();
+                batch.clear();
+            }
+        }
+        eprintln!(
+            "(store: {count} contacts written in {:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+        Db {
+            _dir: dir,
+            store,
+            addresses,
+        }
+    });
+
+    /// A different contact each time, spread over the whole database.
+    fn next(i: &AtomicUsize, n: usize) -> usize {
+        i.fetch_add(7_919, Ordering::Relaxed) % n
+    }
+
+    /// The policy's lookup for a message with one recipient.
+    #[divan::bench]
+    fn consent_facts(bencher: Bencher) {
+        let db = &*DB;
+        let i = AtomicUsize::new(0);
+        bencher
+            .with_inputs(|| {
+                let k = next(&i, db.addresses.len());
+                db.addresses[k].clone()
+            })
+            .bench_refs(|a| {
+                db.store
+                    .consent_facts(std::slice::from_ref(a), PURPOSE)
+                    .unwrap()
+            });
+    }
+
+    /// The same for a message with ten recipients (one call, as the policy makes it).
+    #[divan::bench]
+    fn consent_facts_10(bencher: Bencher) {
+        let db = &*DB;
+        let i = AtomicUsize::new(0);
+        bencher
+            .with_inputs(|| {
+                (0..10)
+                    .map(|_| db.addresses[next(&i, db.addresses.len())].clone())
+                    .collect::<Vec<_>>()
+            })
+            .bench_refs(|a| db.store.consent_facts(a, PURPOSE).unwrap());
+    }
+
+    /// The contact number each copy's unsubscribe link carries.
+    #[divan::bench]
+    fn contact_id(bencher: Bencher) {
+        let db = &*DB;
+        let i = AtomicUsize::new(0);
+        bencher
+            .with_inputs(|| db.addresses[next(&i, db.addresses.len())].clone())
+            .bench_refs(|a| db.store.contact_id(a).unwrap());
+    }
+}
