@@ -232,9 +232,11 @@ pub fn run(config: &Config, command: Command) -> anyhow::Result<()> {
             out,
         }) => dkim_keygen(&domain, &selector, algorithm, &out),
         Command::Tokens(TokensCommand::Rotate) => {
-            std::fs::create_dir_all(&config.storage.data_dir)?;
+            if let Some(dir) = config.tokens.keys_file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
             let id = crate::token::TokenKeys::rotate(
-                &config.storage.data_dir,
+                &config.tokens.keys_file,
                 clock::now(),
                 config.tokens.retired_key_validity,
             )?;

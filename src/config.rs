@@ -158,6 +158,8 @@ pub struct DkimKeyConfig {
 
 #[derive(Debug, Clone)]
 pub struct TokensConfig {
+    /// The signing keys (created on first start; share it between nodes).
+    pub keys_file: PathBuf,
     /// How long links signed with a retired key keep working after `optgate tokens rotate`.
     pub retired_key_validity: Duration,
 }
@@ -293,12 +295,14 @@ struct RawDkimKey {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawTokens {
+    keys_file: Option<String>,
     retired_key_validity: String,
 }
 
 impl Default for RawTokens {
     fn default() -> Self {
         RawTokens {
+            keys_file: None,
             retired_key_validity: "180d".into(),
         }
     }
@@ -603,6 +607,12 @@ impl Validator<'_> {
         let queue = self.queue(raw.queue)?;
         let dkim = self.dkim(raw.dkim)?;
         let tokens = TokensConfig {
+            keys_file: raw
+                .tokens
+                .keys_file
+                .as_deref()
+                .map(|f| self.resolve(f))
+                .unwrap_or_else(|| storage.data_dir.join("token-keys")),
             retired_key_validity: self.duration(
                 "tokens.retired_key_validity",
                 &raw.tokens.retired_key_validity,

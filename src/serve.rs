@@ -30,7 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         config.storage.fsync,
     )?);
     let relay = Relay::new(&config.upstream, &config.smtp.hostname)?;
-    let tokens = Arc::new(TokenKeys::load_or_create(&config.storage.data_dir)?);
+    let tokens = Arc::new(TokenKeys::load_or_create(&config.tokens.keys_file)?);
     let dkim = Arc::new(KeyRing::load(&config.dkim, &config.storage.data_dir)?);
     let copies = CopyMaker::new(config.clone(), store.clone(), tokens.clone(), dkim);
 

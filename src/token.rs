@@ -182,22 +182,20 @@ impl TokenKeys {
 
 // ---- the key file -----------------------------------------------------------------
 //
-// `{data_dir}/token-keys`, mode 0600, one key a line: `ID ACCEPT_UNTIL SECRET`, where
+// `tokens.keys_file` (by default `{data_dir}/token-keys`; several nodes share one),
+// mode 0600, one key a line: `ID ACCEPT_UNTIL SECRET`, where
 // ACCEPT_UNTIL is `-` for the key in service or the Unix second its links expire,
 // and SECRET is 32 random bytes in base64url.
 
-const KEY_FILE: &str = "token-keys";
-
 impl TokenKeys {
-    /// Reads the key file in `data_dir`, creating it with one fresh key if absent.
-    pub fn load_or_create(data_dir: &std::path::Path) -> Result<TokenKeys, TokenError> {
-        let path = data_dir.join(KEY_FILE);
-        match std::fs::read_to_string(&path) {
+    /// Reads the key file, creating it with one fresh key if absent.
+    pub fn load_or_create(path: &std::path::Path) -> Result<TokenKeys, TokenError> {
+        match std::fs::read_to_string(path) {
             Ok(text) => parse_key_file(&text)
                 .map_err(|e| TokenError::Keys(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let keys = vec![(1, None, random_secret())];
-                write_key_file(&path, &keys)?;
+                write_key_file(path, &keys)?;
                 tracing::info!(path = %path.display(), "generated the token signing key");
                 keys_from(keys)
             }
@@ -208,13 +206,12 @@ impl TokenKeys {
     /// Puts a new key in service; links signed with the others keep working until
     /// `now + validity`. Returns the new key's id.
     pub fn rotate(
-        data_dir: &std::path::Path,
+        path: &std::path::Path,
         now: i64,
         validity: std::time::Duration,
     ) -> Result<u8, TokenError> {
-        let path = data_dir.join(KEY_FILE);
-        Self::load_or_create(data_dir)?;
-        let text = std::fs::read_to_string(&path).map_err(|e| TokenError::Keys(e.to_string()))?;
+        Self::load_or_create(path)?;
+        let text = std::fs::read_to_string(path).map_err(|e| TokenError::Keys(e.to_string()))?;
         let mut keys = parse_lines(&text)?;
         let until = now.saturating_add(i64::try_from(validity.as_secs()).unwrap_or(i64::MAX));
         // Keys whose links have expired are of no more use: drop them.
@@ -234,7 +231,7 @@ impl TokenKeys {
             ));
         }
         keys.push((id, None, random_secret()));
-        write_key_file(&path, &keys)?;
+        write_key_file(path, &keys)?;
         Ok(id)
     }
 }
@@ -350,24 +347,22 @@ mod tests {
     #[test]
     fn the_key_file_is_created_once_and_rotation_keeps_old_links() {
         let dir = tempfile::tempdir().unwrap();
-        let first = TokenKeys::load_or_create(dir.path()).unwrap();
+        let file = dir.path().join("token-keys");
+        let first = TokenKeys::load_or_create(&file).unwrap();
         let t = first.issue(Claims {
             kind: TokenKind::Unsubscribe,
             subject: 3,
             scope: 4,
         });
-        let again = TokenKeys::load_or_create(dir.path()).unwrap();
+        let again = TokenKeys::load_or_create(&file).unwrap();
         assert!(again.verify(&t, 0).is_ok(), "the same key is read back");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(KEY_FILE))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
-        let id = TokenKeys::rotate(dir.path(), 1000, std::time::Duration::from_secs(60)).unwrap();
+        let id = TokenKeys::rotate(&file, 1000, std::time::Duration::from_secs(60)).unwrap();
         assert_eq!(id, 2);
-        let rotated = TokenKeys::load_or_create(dir.path()).unwrap();
+        let rotated = TokenKeys::load_or_create(&file).unwrap();
         assert!(rotated.verify(&t, 1060).is_ok());
         assert_eq!(rotated.verify(&t, 1061), Err(TokenError::Invalid));
         let fresh = rotated.issue(Claims {
