@@ -537,6 +537,15 @@ fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Purpose ids with a meaning of their own: "all" in the consent history, and the
+/// purposes of optgate's own mail (bounce reports, double opt-in confirmations),
+/// which are sent as they are, with no unsubscribe link.
+const RESERVED_PURPOSES: [&str; 3] = [
+    crate::store::ALL_PURPOSES,
+    crate::delivery::DSN_PURPOSE,
+    crate::web::CONFIRMATION_PURPOSE,
+];
+
 struct Validator<'a> {
     path: &'a Path,
     base: &'a Path,
@@ -664,7 +673,7 @@ impl Validator<'_> {
         for (i, p) in raw.into_iter().enumerate() {
             let key = format!("purpose[{i}].id");
             if p.id.is_empty()
-                || p.id == "all"
+                || RESERVED_PURPOSES.contains(&p.id.as_str())
                 || !p
                     .id
                     .bytes()
@@ -673,8 +682,9 @@ impl Validator<'_> {
                 return Err(self.err(
                     key,
                     format!(
-                        "'{}' must be lower-case letters, digits, '-' or '_' (and not \"all\")",
-                        p.id
+                        "'{}' must be lower-case letters, digits, '-' or '_', and none of {}",
+                        p.id,
+                        RESERVED_PURPOSES.join(", ")
                     ),
                 ));
             }

@@ -103,13 +103,24 @@ impl CopyMaker {
                 let address =
                     Address::parse(recipient).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 let contact = self.store.contact_id(&address)?;
+                let subject = u64::try_from(contact)
+                    .map_err(|_| StoreError::Corrupt(format!("contact id {contact}")))?;
                 let token = self.tokens.issue(Claims {
                     kind: TokenKind::Unsubscribe,
-                    subject: u64::try_from(contact)
-                        .map_err(|_| StoreError::Corrupt(format!("contact id {contact}")))?,
+                    subject,
                     scope: *purpose_tag,
                 });
                 let unsubscribe = format!("{}/u/{token}", self.config.http.public_url);
+                // The preference centre, when it has a purpose to offer; without one the
+                // preferences placeholder falls back to the unsubscribe link.
+                let preferences = self.config.purposes.iter().any(|p| p.public).then(|| {
+                    let token = self.tokens.issue(Claims {
+                        kind: TokenKind::Preferences,
+                        subject,
+                        scope: 0,
+                    });
+                    format!("{}/p/{token}", self.config.http.public_url)
+                });
                 let mailto = self
                     .config
                     .unsubscribe
@@ -118,7 +129,7 @@ impl CopyMaker {
                     .map(|m| format!("mailto:{m}?subject=unsubscribe%20{token}"));
                 let rendered = prepared.render(&Links {
                     unsubscribe: &unsubscribe,
-                    preferences: None,
+                    preferences: preferences.as_deref(),
                     mailto: mailto.as_deref(),
                 });
                 (rendered.bytes, notes(prepared, &rendered.body_link))

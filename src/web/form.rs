@@ -109,19 +109,21 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
         .map(|i| i + from)
 }
 
+/// Form fields from literals, for tests.
+#[cfg(test)]
+pub fn fields(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
-
     #[test]
     fn urlencoded_with_or_without_content_type() {
-        let want = pairs(&[("List-Unsubscribe", "One-Click")]);
+        let want = fields(&[("List-Unsubscribe", "One-Click")]);
         let body = b"List-Unsubscribe=One-Click";
         assert_eq!(
             parse(Some("application/x-www-form-urlencoded"), body),
@@ -137,7 +139,7 @@ mod tests {
         assert_eq!(parse(None, body), Ok(want));
         assert_eq!(
             parse(None, b"action=un%73ubscribe&x=a+b"),
-            Ok(pairs(&[("action", "unsubscribe"), ("x", "a b")]))
+            Ok(fields(&[("action", "unsubscribe"), ("x", "a b")]))
         );
         assert_eq!(parse(None, b""), Ok(vec![]));
         assert_eq!(
@@ -151,13 +153,13 @@ mod tests {
         let body = b"--XyZ\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n--XyZ--\r\n";
         assert_eq!(
             parse(Some("multipart/form-data; boundary=XyZ"), body),
-            Ok(pairs(&[("List-Unsubscribe", "One-Click")]))
+            Ok(fields(&[("List-Unsubscribe", "One-Click")]))
         );
         // Quoted boundary, a preamble, two parts, bare LF, transport padding.
         let body = b"preamble\n--a b  \nContent-Disposition: form-data; name=x\nContent-Type: text/plain\n\n1\n--a b\ncontent-disposition: form-data; filename=\"f\"; name=\"y\"\n\ntwo\nlines\n--a b--";
         assert_eq!(
             parse(Some("multipart/form-data; boundary=\"a b\""), body),
-            Ok(pairs(&[("x", "1"), ("y", "two\nlines")]))
+            Ok(fields(&[("x", "1"), ("y", "two\nlines")]))
         );
     }
 

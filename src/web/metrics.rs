@@ -13,6 +13,15 @@ pub struct Metrics {
     pub unsubscribes_page: AtomicU64,
     pub resubscribes: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Grants and withdrawals recorded from the preference centre.
+    pub preference_grants: AtomicU64,
+    pub preference_withdrawals: AtomicU64,
+    /// Sign-ups whose confirmation mail was queued, and those held back by a limit.
+    pub signups_mailed: AtomicU64,
+    pub signups_limited: AtomicU64,
+    pub confirmations: AtomicU64,
+    /// Admin API (and /metrics) requests without a valid bearer token.
+    pub api_unauthorized: AtomicU64,
 }
 
 pub fn bump(counter: &AtomicU64) {
@@ -52,6 +61,32 @@ impl Metrics {
             "optgate_web_rate_limited_total",
             "Requests refused by the per-IP rate limit.",
             &[("", get(&self.rate_limited))],
+        );
+        family(
+            "optgate_web_preference_changes_total",
+            "Consent events recorded from the preference centre, by action.",
+            &[
+                ("{action=\"grant\"}", get(&self.preference_grants)),
+                ("{action=\"withdraw\"}", get(&self.preference_withdrawals)),
+            ],
+        );
+        family(
+            "optgate_web_signups_total",
+            "Double opt-in sign-ups: confirmation mail queued, or held back by a rate limit.",
+            &[
+                ("{outcome=\"mailed\"}", get(&self.signups_mailed)),
+                ("{outcome=\"limited\"}", get(&self.signups_limited)),
+            ],
+        );
+        family(
+            "optgate_web_confirmations_total",
+            "Sign-ups confirmed (consent recorded).",
+            &[("", get(&self.confirmations))],
+        );
+        family(
+            "optgate_web_api_unauthorized_total",
+            "Admin API and metrics requests refused for want of a valid bearer token.",
+            &[("", get(&self.api_unauthorized))],
         );
         out
     }

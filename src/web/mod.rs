@@ -1,18 +1,26 @@
-//! The HTTP side: the pages and endpoints recipients reach from the links in their
-//! mail (unsubscribe today), the metrics, and the server that runs them.
+//! The HTTP side: the pages recipients reach from their mail (unsubscribe, preference
+//! centre, double opt-in), the admin API and metrics, and the server that runs them.
 //!
 //! Handlers stay thin: they read the request, ask the token keys and the store (on
 //! the blocking pool), and hand the decisions to plain functions. Every failure is a
 //! [`Problem`], which becomes a short page in the reader's language, never a panic.
 
+mod api;
 mod form;
 mod i18n;
+mod mail;
 mod metrics;
+mod preferences;
 mod ratelimit;
+mod subscribe;
 mod unsubscribe;
 
 #[cfg(test)]
+mod consent_tests;
+#[cfg(test)]
 mod tests;
+
+pub use subscribe::CONFIRMATION_PURPOSE;
 
 use std::future::IntoFuture;
 use std::io::Write;
@@ -23,18 +31,21 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use askama::Template;
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Request, State};
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::http::{StatusCode, request::Parts};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::address::Address;
 use crate::config::Config;
+use crate::spool::Spool;
 use crate::store::{Store, StoreError};
 use crate::token::{Claims, TokenKeys, TokenKind};
 
@@ -47,10 +58,15 @@ pub struct Web {
     pub config: Arc<Config>,
     pub store: Arc<dyn Store>,
     pub tokens: Arc<TokenKeys>,
+    /// Where double opt-in confirmation mails are queued, like any accepted message.
+    pub spool: Spool,
 }
 
 /// Form bodies are a field or two; anything bigger is not one of ours.
 const MAX_FORM_BYTES: usize = 8 * 1024;
+/// An admin API body: one JSON object, or a bulk import of consent rows.
+const MAX_API_BYTES: usize = 64 * 1024;
+const MAX_IMPORT_BYTES: usize = 32 * 1024 * 1024;
 /// A request (body included) that takes longer is a stuck or hostile client.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long shutdown lets requests in flight finish before dropping them.
@@ -64,6 +80,8 @@ struct App {
     web: Arc<Web>,
     metrics: Metrics,
     limiter: RateLimiter,
+    /// Sign-ups per IP per hour (`double_opt_in.max_per_ip_per_hour`).
+    signups: RateLimiter,
     /// Serialises "read the latest event, then append" so that two POSTs racing
     /// (mail providers do send duplicates) record one withdrawal, not two. It only
     /// covers this process: with several nodes, a duplicate is harmless anyway.
@@ -74,8 +92,14 @@ struct App {
 /// `ConnectInfo<SocketAddr>`: serve with `into_make_service_with_connect_info`, or
 /// add a `MockConnectInfo` layer.
 pub fn router(web: Arc<Web>) -> Router {
+    let now = Instant::now();
     let app = Arc::new(App {
-        limiter: RateLimiter::new(web.config.unsubscribe.rate_limit_per_minute, Instant::now()),
+        limiter: RateLimiter::new(web.config.unsubscribe.rate_limit_per_minute, now),
+        signups: RateLimiter::per_period(
+            web.config.double_opt_in.max_per_ip_per_hour,
+            Duration::from_secs(3600),
+            now,
+        ),
         web,
         metrics: Metrics::default(),
         consent_lock: Mutex::new(()),
@@ -85,12 +109,44 @@ pub fn router(web: Arc<Web>) -> Router {
             "/u/{token}",
             get(unsubscribe::show).post(unsubscribe::submit),
         )
+        .route(
+            "/p/{token}",
+            get(preferences::show).post(preferences::submit),
+        )
+        .route("/subscribe", post(subscribe::subscribe))
+        .route(
+            "/confirm/{token}",
+            get(subscribe::show).post(subscribe::confirm),
+        )
         .layer(DefaultBodyLimit::max(MAX_FORM_BYTES))
         .route_layer(middleware::from_fn_with_state(app.clone(), rate_limit));
+    let api = Router::new()
+        .route("/contacts/{email}", get(api::contact).delete(api::forget))
+        .route("/contacts/{email}/consents", post(api::record_consent))
+        .route("/contacts/{email}/customer", put(api::set_customer))
+        .route("/events", get(api::events))
+        .layer(DefaultBodyLimit::max(MAX_API_BYTES))
+        .merge(
+            Router::new()
+                .route("/consents/import", post(api::import))
+                .layer(DefaultBodyLimit::max(MAX_IMPORT_BYTES)),
+        )
+        .fallback(api::not_found)
+        .layer(middleware::from_fn_with_state(
+            app.clone(),
+            api::require_token,
+        ));
     Router::new()
         .route("/", get(home))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(metrics).route_layer(middleware::from_fn_with_state(
+                app.clone(),
+                api::guard_metrics,
+            )),
+        )
         .merge(links)
+        .nest("/api/v1", api)
         .fallback(not_found)
         .layer(middleware::from_fn(time_limit))
         .layer(middleware::map_response(security_headers))
@@ -220,6 +276,28 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
+/// The fields of a form POST, or the problem to show: too large, or not a form.
+fn form_fields(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    client: &Client,
+) -> Result<Vec<(String, String)>, Problem> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Problem::TooLarge
+        } else {
+            Problem::BadRequest
+        }
+    })?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    form::parse(content_type, &body).map_err(|e| {
+        tracing::info!(peer = %client.ip, error = ?e, "http: a POST that is not a form");
+        Problem::BadRequest
+    })
+}
+
 // ---- the client ---------------------------------------------------------------------
 
 /// Who is asking: what the evidence records and what picks the page language.
@@ -276,6 +354,16 @@ fn sanitize_user_agent(ua: &str) -> String {
 // ---- links --------------------------------------------------------------------------
 
 impl App {
+    /// The token in a link's path; an unreadable path is refused like a forged token.
+    fn link_token(
+        &self,
+        path: Result<Path<String>, PathRejection>,
+        client: &Client,
+    ) -> Result<String, Problem> {
+        path.map(|Path(token)| token)
+            .map_err(|_| self.refuse("an unreadable path", client))
+    }
+
     /// The claims of a link of `kind`, or the one answer every bad link gets.
     fn claims(&self, token: &str, kind: TokenKind, client: &Client) -> Result<Claims, Problem> {
         match self.web.tokens.verify(token, crate::clock::now()) {
@@ -293,6 +381,20 @@ impl App {
             Some(address) => Ok((id, address)),
             None => Err(self.refuse("no such contact", client)),
         }
+    }
+
+    /// The preference centre's path for a contact, or None when no purpose is public
+    /// (there would be nothing to choose).
+    fn preferences_path(&self, contact: i64) -> Option<String> {
+        if !self.web.config.purposes.iter().any(|p| p.public) {
+            return None;
+        }
+        let token = self.web.tokens.issue(Claims {
+            kind: TokenKind::Preferences,
+            subject: u64::try_from(contact).ok()?,
+            scope: 0,
+        });
+        Some(format!("/p/{token}"))
     }
 
     /// Counts and logs a refused link. The token itself is not logged: a valid-looking

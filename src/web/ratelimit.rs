@@ -1,5 +1,5 @@
-//! A per-IP token bucket for the link pages, so that no one client can flood the
-//! consent history or try tokens by the thousand; its memory stays bounded.
+//! A per-IP token bucket for the link pages and sign-ups, so that no one client can
+//! flood the consent history, try tokens by the thousand or mail-bomb a stranger.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -16,8 +16,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_WHEN_FULL_EVERY: Duration = Duration::from_secs(1);
 
 pub struct RateLimiter {
-    /// Bucket size and refill per minute.
-    per_minute: u32,
+    /// Bucket size, refilled in full over `period`.
+    limit: u32,
+    period: Duration,
     state: Mutex<Buckets>,
 }
 
@@ -33,8 +34,14 @@ struct Bucket {
 
 impl RateLimiter {
     pub fn new(per_minute: u32, now: Instant) -> RateLimiter {
+        RateLimiter::per_period(per_minute, Duration::from_secs(60), now)
+    }
+
+    /// `limit` requests per `period` (a burst of `limit`, then a steady trickle).
+    pub fn per_period(limit: u32, period: Duration, now: Instant) -> RateLimiter {
         RateLimiter {
-            per_minute: per_minute.max(1),
+            limit: limit.max(1),
+            period: period.max(Duration::from_secs(1)),
             state: Mutex::new(Buckets {
                 map: HashMap::new(),
                 last_prune: now,
@@ -45,8 +52,8 @@ impl RateLimiter {
     /// Takes one request from `ip`'s bucket, or says how many whole seconds until
     /// one is available (for Retry-After).
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
-        let capacity = f64::from(self.per_minute);
-        let per_second = capacity / 60.0;
+        let capacity = f64::from(self.limit);
+        let per_second = capacity / self.period.as_secs_f64();
         // Nothing in the table can be left half-updated, so a poisoned lock is usable.
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let since_prune = now.saturating_duration_since(state.last_prune);
@@ -166,5 +173,18 @@ mod tests {
             .check(ip("10.0.1.1"), t0 + Duration::from_secs(61))
             .unwrap();
         assert_eq!(limiter.tracked(), 1);
+    }
+
+    #[test]
+    fn an_hourly_limit_refills_over_the_hour() {
+        let t0 = Instant::now();
+        let limiter = RateLimiter::per_period(2, Duration::from_secs(3600), t0);
+        assert_eq!(limiter.check(ip("192.0.2.1"), t0), Ok(()));
+        assert_eq!(limiter.check(ip("192.0.2.1"), t0), Ok(()));
+        assert_eq!(limiter.check(ip("192.0.2.1"), t0), Err(1800));
+        assert_eq!(
+            limiter.check(ip("192.0.2.1"), t0 + Duration::from_secs(1800)),
+            Ok(())
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The web side against the real SQLite store: requests through the router (with a
 //! mocked peer address), and one through a real listener with a raw HTTP client.
+//! The fixture is shared with `consent_tests` (preference centre, double opt-in, API).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,39 +15,61 @@ use tower::ServiceExt;
 use super::{Web, router, serve_on};
 use crate::address::Address;
 use crate::config::Config;
+use crate::spool::{Ready, Spool};
 use crate::store::{ConsentAction, ConsentEvent, LatestEvent, NewConsentEvent, SqliteStore, Store};
 use crate::token::{Claims, TokenKey, TokenKeys, TokenKind, purpose_tag};
 
 const PEER: [u8; 4] = [192, 0, 2, 7];
 const MULTIPART_TYPE: &str = "multipart/form-data; boundary=----optgate-test";
 const MULTIPART_BODY: &str = "------optgate-test\r\nContent-Disposition: form-data; name=\"List-Unsubscribe\"\r\n\r\nOne-Click\r\n------optgate-test--\r\n";
-const URLENCODED: &str = "application/x-www-form-urlencoded";
+pub(super) const URLENCODED: &str = "application/x-www-form-urlencoded";
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    store: Arc<SqliteStore>,
-    web: Arc<Web>,
+    pub(super) store: Arc<SqliteStore>,
+    pub(super) web: Arc<Web>,
     router: Router,
+    /// What the spool committed (confirmation mails), as delivery would receive it.
+    ready: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Ready>>,
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
+pub(super) struct Reply {
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) body: String,
 }
 
-fn fixture(rate_limit_per_minute: u32) -> Fixture {
+/// The bearer token the fixture's `[api]` accepts.
+pub(super) const API_TOKEN: &str = "test-token-0123456789abcdef";
+
+pub(super) fn fixture(rate_limit_per_minute: u32) -> Fixture {
+    fixture_with(rate_limit_per_minute, 5)
+}
+
+/// Five purposes: four public (one per opt-in/opt-out basis, one in French), one not.
+pub(super) fn fixture_with(rate_limit_per_minute: u32, signups_per_ip_per_hour: u32) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         r#"
 [unsubscribe]
 rate_limit_per_minute = {rate_limit_per_minute}
 
+[api]
+tokens = ["{API_TOKEN}"]
+
+[double_opt_in]
+link_validity = "1h"
+from = "News <news@example.com>"
+sender = "bounces@example.com"
+max_per_address_per_day = 2
+max_per_ip_per_hour = {signups_per_ip_per_hour}
+
 [[purpose]]
 id = "newsletter"
 name = "Newsletter"
 description = "Our monthly news and articles."
 basis = "consent"
+public = true
 
 [[purpose]]
 id = "offres"
@@ -54,15 +77,34 @@ name = "Offres partenaires"
 description = "Les offres de nos partenaires."
 basis = "legitimate_interest"
 locale = "fr"
+public = true
+
+[[purpose]]
+id = "clients"
+name = "Customer offers"
+basis = "soft_opt_in"
+public = true
+
+[[purpose]]
+id = "internal"
+name = "Internal tests"
+basis = "consent"
+
+[[purpose]]
+id = "orders"
+name = "Orders"
+basis = "transactional"
 "#
     );
     let config = Config::parse(&text, &dir.path().join("optgate.toml")).unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("optgate.db"), false).unwrap());
     let tokens = TokenKeys::new(vec![TokenKey::new(1, &[7u8; 32], None).unwrap()]).unwrap();
+    let (spool, ready, _writer) = Spool::start(store.clone());
     let web = Arc::new(Web {
         config: Arc::new(config),
         store: store.clone(),
         tokens: Arc::new(tokens),
+        spool,
     });
     let router = router(web.clone()).layer(MockConnectInfo(SocketAddr::from((PEER, 40000))));
     Fixture {
@@ -70,12 +112,13 @@ locale = "fr"
         store,
         web,
         router,
+        ready: tokio::sync::Mutex::new(ready),
     }
 }
 
 impl Fixture {
     /// A contact who consented to `purposes`, and their unsubscribe link token for the first.
-    fn subscriber(&self, email: &str, purposes: &[&str]) -> (Address, String) {
+    pub(super) fn subscriber(&self, email: &str, purposes: &[&str]) -> (Address, String) {
         let address = Address::parse(email).unwrap();
         for purpose in purposes {
             self.store
@@ -93,7 +136,7 @@ impl Fixture {
         (address, self.token(TokenKind::Unsubscribe, id, purposes[0]))
     }
 
-    fn token(&self, kind: TokenKind, contact: i64, purpose: &str) -> String {
+    pub(super) fn token(&self, kind: TokenKind, contact: i64, purpose: &str) -> String {
         self.web.tokens.issue(Claims {
             kind,
             subject: u64::try_from(contact).unwrap(),
@@ -101,7 +144,7 @@ impl Fixture {
         })
     }
 
-    fn latest(&self, address: &Address, purpose: &str) -> Option<LatestEvent> {
+    pub(super) fn latest(&self, address: &Address, purpose: &str) -> Option<LatestEvent> {
         self.store
             .consent_facts(std::slice::from_ref(address), purpose)
             .unwrap()[0]
@@ -109,7 +152,7 @@ impl Fixture {
             .clone()
     }
 
-    fn subscribed(&self, address: &Address, purpose: &str) -> bool {
+    pub(super) fn subscribed(&self, address: &Address, purpose: &str) -> bool {
         let facts = &self
             .store
             .consent_facts(std::slice::from_ref(address), purpose)
@@ -118,11 +161,11 @@ impl Fixture {
         crate::policy::decide(purpose, facts, crate::clock::now()).is_allowed()
     }
 
-    fn history(&self, address: &Address) -> Vec<ConsentEvent> {
+    pub(super) fn history(&self, address: &Address) -> Vec<ConsentEvent> {
         self.store.contact(address).unwrap().unwrap().history
     }
 
-    async fn send(&self, request: Request<Body>) -> Reply {
+    pub(super) async fn send(&self, request: Request<Body>) -> Reply {
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
@@ -136,7 +179,7 @@ impl Fixture {
         }
     }
 
-    async fn get(&self, uri: &str, accept_language: Option<&str>) -> Reply {
+    pub(super) async fn get(&self, uri: &str, accept_language: Option<&str>) -> Reply {
         let mut request = Request::get(uri);
         if let Some(lang) = accept_language {
             request = request.header(header::ACCEPT_LANGUAGE, lang);
@@ -144,7 +187,7 @@ impl Fixture {
         self.send(request.body(Body::empty()).unwrap()).await
     }
 
-    async fn post(&self, uri: &str, content_type: Option<&str>, body: &str) -> Reply {
+    pub(super) async fn post(&self, uri: &str, content_type: Option<&str>, body: &str) -> Reply {
         let mut request = Request::post(uri).header(header::USER_AGENT, "TestMail/1.0 (one-click)");
         if let Some(ct) = content_type {
             request = request.header(header::CONTENT_TYPE, ct);
@@ -153,8 +196,46 @@ impl Fixture {
             .await
     }
 
-    async fn metric(&self, line_start: &str) -> u64 {
-        let metrics = self.get("/metrics", None).await.body;
+    /// A request with an optional JSON body and bearer token.
+    pub(super) async fn api(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> Reply {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::USER_AGENT, "crm/2.0");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let body = match body {
+            Some(json) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(json.to_string())
+            }
+            None => Body::empty(),
+        };
+        self.send(request.body(body).unwrap()).await
+    }
+
+    /// The confirmation mails the spool committed since the last call.
+    pub(super) async fn queued(&self) -> Vec<Ready> {
+        let mut ready = self.ready.lock().await;
+        let mut out = Vec::new();
+        while let Ok(r) = ready.try_recv() {
+            out.push(r);
+        }
+        out
+    }
+
+    pub(super) async fn metric(&self, line_start: &str) -> u64 {
+        let metrics = self
+            .api("GET", "/metrics", None, Some(API_TOKEN))
+            .await
+            .body;
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
@@ -162,7 +243,7 @@ impl Fixture {
     }
 }
 
-fn assert_private_headers(reply: &Reply) {
+pub(super) fn assert_private_headers(reply: &Reply) {
     let h = |name: &str| {
         reply
             .headers
@@ -565,14 +646,19 @@ async fn the_base_url_answers_and_everything_else_is_404() {
     let home = f.get("/", None).await;
     assert_eq!(home.status, StatusCode::OK);
     assert_eq!(home.body, "optgate\n");
-    for uri in ["/nope", "/u/", "/u/a/b", "/p/x"] {
+    for uri in ["/nope", "/u/", "/u/a/b", "/p/", "/confirm/"] {
         assert_eq!(
             f.get(uri, None).await.status,
             StatusCode::NOT_FOUND,
             "{uri}"
         );
     }
-    let metrics = f.get("/metrics", None).await;
+    assert_eq!(
+        f.get("/metrics", None).await.status,
+        StatusCode::UNAUTHORIZED,
+        "with API tokens configured, metrics need one"
+    );
+    let metrics = f.api("GET", "/metrics", None, Some(API_TOKEN)).await;
     assert!(
         metrics.headers[header::CONTENT_TYPE]
             .to_str()

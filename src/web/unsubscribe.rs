@@ -7,13 +7,13 @@ use askama::Template;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::json;
 
 use super::i18n::{Lang, Texts};
 use super::metrics::bump;
-use super::{App, Client, MessagePage, Problem, blocking, form, render};
+use super::{App, Client, MessagePage, Problem, blocking, form_fields, render};
 use crate::address::Address;
 use crate::policy::Purpose;
 use crate::store::{ConsentAction, LatestEvent, NewConsentEvent, Store, StoreError};
@@ -135,12 +135,19 @@ struct Link<'a> {
     contact: i64,
     address: Address,
     purpose: &'a Purpose,
+    /// `/p/{token}` for the same person, when there is a preference centre to offer.
+    preferences: Option<String>,
 }
 
 /// The purpose is checked before the store is asked, so a link for a purpose the
 /// operator has since removed costs nothing and looks like any other bad link.
-async fn open<'a>(app: &'a App, token: &str, client: &Client) -> Result<Link<'a>, Problem> {
-    let claims = app.claims(token, TokenKind::Unsubscribe, client)?;
+async fn open<'a>(
+    app: &'a App,
+    path: Result<Path<String>, PathRejection>,
+    client: &Client,
+) -> Result<Link<'a>, Problem> {
+    let token = app.link_token(path, client)?;
+    let claims = app.claims(&token, TokenKind::Unsubscribe, client)?;
     let purpose = app
         .web
         .config
@@ -151,6 +158,7 @@ async fn open<'a>(app: &'a App, token: &str, client: &Client) -> Result<Link<'a>
         contact,
         address,
         purpose,
+        preferences: app.preferences_path(contact),
     })
 }
 
@@ -163,6 +171,7 @@ struct UnsubscribePage<'a> {
     purpose_name: &'a str,
     purpose_description: &'a str,
     address: &'a str,
+    preferences: Option<&'a str>,
 }
 
 #[derive(Template)]
@@ -172,6 +181,7 @@ struct UnsubscribedPage<'a> {
     purpose_name: &'a str,
     purpose_description: &'a str,
     address: &'a str,
+    preferences: Option<&'a str>,
 }
 
 /// GET: shows what the link is for and offers the button. Link scanners fetch every
@@ -182,10 +192,7 @@ pub(super) async fn show(
     token: Result<Path<String>, PathRejection>,
 ) -> Result<Response, Response> {
     let fallback = client.lang("en");
-    let Ok(Path(token)) = token else {
-        return Err(app.refuse("an unreadable path", &client).page(fallback));
-    };
-    let link = open(&app, &token, &client)
+    let link = open(&app, token, &client)
         .await
         .map_err(|p| p.page(fallback))?;
     let t = client.lang(&link.purpose.locale).texts();
@@ -198,6 +205,7 @@ pub(super) async fn show(
             purpose_name: &link.purpose.name,
             purpose_description: &link.purpose.description,
             address: &mask(&link.address),
+            preferences: link.preferences.as_deref(),
         },
     ))
 }
@@ -212,31 +220,15 @@ pub(super) async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Response> {
     let fallback = client.lang("en");
-    let Ok(Path(token)) = token else {
-        return Err(app.refuse("an unreadable path", &client).page(fallback));
-    };
-    let link = open(&app, &token, &client)
+    let link = open(&app, token, &client)
         .await
         .map_err(|p| p.page(fallback))?;
     let lang = client.lang(&link.purpose.locale);
-    let body = body.map_err(|rejection| {
-        let problem = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Problem::TooLarge
-        } else {
-            Problem::BadRequest
-        };
-        problem.page(lang)
+    let fields = form_fields(&headers, body, &client).map_err(|p| p.page(lang))?;
+    let intent = read_intent(&fields).ok_or_else(|| {
+        tracing::info!(peer = %client.ip, "http: unsubscribe POST with an unrecognised body");
+        Problem::BadRequest.page(lang)
     })?;
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let intent = form::parse(content_type, &body)
-        .ok()
-        .and_then(|fields| read_intent(&fields))
-        .ok_or_else(|| {
-            tracing::info!(peer = %client.ip, "http: unsubscribe POST with an unrecognised body");
-            Problem::BadRequest.page(lang)
-        })?;
 
     let event = NewConsentEvent {
         address: link.address.clone(),
@@ -295,6 +287,7 @@ pub(super) async fn submit(
                 purpose_name: &link.purpose.name,
                 purpose_description: &link.purpose.description,
                 address: &address,
+                preferences: link.preferences.as_deref(),
             },
         ),
         Intent::Resubscribe => render(
@@ -306,6 +299,7 @@ pub(super) async fn submit(
                 purpose_name: &link.purpose.name,
                 purpose_description: &link.purpose.description,
                 address: &address,
+                preferences: link.preferences.as_deref(),
             },
         ),
     };
@@ -335,12 +329,7 @@ fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn fields(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
-    }
+    use crate::web::form::fields;
 
     #[test]
     fn the_body_says_which_button() {
