@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+"""Prints bench/run's tables from its results file (one JSON object a line).
+
+    report.py RESULTS.jsonl --load-start "0.52 0.61 0.70" --load-end "..." [--info TEXT]
+"""
+import argparse
+import json
+import sys
+
+SETUPS = ["direct", "postfix", "optgate"]
+LABEL = {
+    "direct": "smtp-source -> smtp-sink (the limit)",
+    "postfix": "Postfix relay (durable queue)",
+    "optgate": "optgate (RSA-2048, 100k consents, fsync)",
+    "direct-plain": "  (limit with smtp-sink without -v)",
+}
+
+
+def num(v, fmt="{:.0f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def verdict(ok):
+    return "n/a" if ok is None else ("MET" if ok else "not met")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("results")
+    ap.add_argument("--load-start", default="?")
+    ap.add_argument("--load-end", default="?")
+    ap.add_argument("--info", default="")
+    a = ap.parse_args()
+    cases, memory = {}, {}
+    with open(a.results) as f:
+        for line in f:
+            r = json.loads(line)
+            if "test" in r:
+                memory[r["test"]] = r
+            elif not r.get("warmup"):
+                cases[(r["setup"], r["rcpts"])] = r
+
+    out = []
+    p = out.append
+    if a.info:
+        p(a.info)
+    p(f"load average (1/5/15 min) at start: {a.load_start}; at end: {a.load_end}")
+    p("")
+    for rc in sorted({k[1] for k in cases}):
+        any_case = next(v for k, v in cases.items() if k[1] == rc)
+        p(f"== {rc} recipient{'s' if rc > 1 else ''} per message: {any_case['messages']} messages, "
+          f"{any_case['sessions']} sessions, one connection per message ==")
+        p(f"{'setup':<43}{'accepted':>10}{'delivered':>11}{'rcpts':>9}{'p50':>9}{'p99':>9}"
+          f"{'probes':>8}{'peak RSS':>10}  CPU cores: server/sink/client/others, busy, load")
+        p(f"{'':<43}{'msgs/s':>10}{'copies/s':>11}{'/s':>9}{'ms':>9}{'ms':>9}{'':>8}{'MB':>10}")
+        for s in SETUPS + ["direct-plain"]:
+            r = cases.get((s, rc))
+            if not r:
+                continue
+            lat = r["latency_ms"]
+            cores = r.get("cores", {})
+            server = cores.get("optgate", cores.get("postfix"))
+            machine = r.get("machine") or {}
+            cpu = (f"{num(server, '{:.2f}')}/{num(cores.get('sink'), '{:.2f}')}/"
+                   f"{num(cores.get('client'), '{:.2f}')}/{num(cores.get('other'), '{:.2f}')}, "
+                   f"{num(machine.get('busy'), '{:.0%}')}, {machine.get('loadavg', ['?'])[0]}"
+                   if s != "direct-plain" else "")
+            flag = ""
+            if not r["complete"]:
+                flag = f"  INCOMPLETE {r['delivered_transactions']}/{r['expected_transactions']}"
+            if r["client_rc"] != 0:
+                flag += f"  client exit {r['client_rc']}"
+            delivered = r["delivered_copies_per_s"] if s != "direct-plain" else None
+            rcpts = r["delivered_rcpts_per_s"] if s != "direct-plain" else None
+            p(f"{LABEL[s]:<43}{num(r['accepted_msgs_per_s']):>10}{num(delivered):>11}"
+              f"{num(rcpts):>9}{num(lat['p50'], '{:.1f}'):>9}{num(lat['p99'], '{:.1f}'):>9}"
+              f"{r['probes']['measured'] if s != 'direct-plain' else '':>8}"
+              f"{num((r.get('rss') or {}).get('peak_mb'), '{:.1f}'):>10}  {cpu}{flag}")
+        og = cases.get(("optgate", rc))
+        if og and og.get("threads"):
+            th = ", ".join(f"{g}: {v['R']:.2f} runnable, {v['D']:.2f} in disk wait (of {v['threads']:.0f})"
+                           for g, v in sorted(og["threads"].items(), key=lambda kv: -kv[1]["R"])
+                           if v["R"] >= 0.01 or v["D"] >= 0.01)
+            p(f"  optgate threads on average (state R = on a CPU or waiting for one): {th or 'all idle'}")
+            if og.get("busiest_threads"):
+                p("  optgate's busiest threads (cores): " + ", ".join(
+                    f"{t['cores']:.2f}" for t in og["busiest_threads"])
+                  + f" (of {num(og['cores'].get('optgate'), '{:.2f}')} for the process)")
+            ph = [f"{name} ({v['seconds']:.1f} s): optgate {v['optgate_cores']:.2f} cores, machine {v['busy']:.0%} busy"
+                  for name, v in (og.get("phases") or {}).items() if v and v["seconds"] >= 0.5]
+            if ph:
+                p("  " + "; ".join(ph))
+            p(f"  optgate accept latency of the probes (MAIL FROM to 250 after DATA): "
+              f"p50 {num(og['accept_latency_ms']['p50'], '{:.1f}')} ms, "
+              f"p99 {num(og['accept_latency_ms']['p99'], '{:.1f}')} ms")
+        p("")
+
+    p("== against the targets of issue 5 (ratios within this run) ==")
+
+    def dl(s, rc):
+        r = cases.get((s, rc))
+        return None if not r else r["delivered_copies_per_s"]
+
+    def p99(s, rc):
+        r = cases.get((s, rc))
+        return None if not r else r["latency_ms"]["p99"]
+
+    def p50(s, rc):
+        r = cases.get((s, rc))
+        return None if not r else r["latency_ms"]["p50"]
+
+    limit1 = (cases.get(("direct", 1)) or {}).get("accepted_msgs_per_s")
+    plain1 = (cases.get(("direct-plain", 1)) or {}).get("accepted_msgs_per_s")
+    r_pf = ratio(dl("optgate", 1), dl("postfix", 1))
+    r_dir = ratio(dl("optgate", 1), limit1)
+    r_plain = ratio(dl("optgate", 1), plain1)
+    p(f"1 rcpt:  optgate/postfix delivered msgs/s = {num(r_pf, '{:.2f}')}  (target >= 2)  "
+      f"{verdict(None if r_pf is None else r_pf >= 2)}")
+    p(f"1 rcpt:  optgate/direct = {num(r_dir, '{:.0%}')}  (target >= 40%)  "
+      f"{verdict(None if r_dir is None else r_dir >= 0.4)}"
+      + (f"; against the limit with a plain smtp-sink: {num(r_plain, '{:.0%}')}" if r_plain else ""))
+    r10 = ratio(dl("optgate", 10), dl("postfix", 10))
+    p(f"10 rcpt: optgate copies/s / postfix msgs/s = {num(r10, '{:.2f}')}  (target >= 3)  "
+      f"{verdict(None if r10 is None else r10 >= 3)}")
+    og10 = cases.get(("optgate", 10))
+    if og10:
+        cores = og10["cores"].get("optgate")
+        per_core = ratio(og10["delivered_copies_per_s"], cores)
+        p(f"10 rcpt: optgate {num(og10['delivered_copies_per_s'])} copies/s on "
+          f"{num(cores, '{:.2f}')} cores = {num(per_core)} copies/s per busy core "
+          f"(RSA-2048 signing alone allows about 1 500 per core)")
+    for rc in (1, 10):
+        lr = ratio(p99("optgate", rc), p99("postfix", rc))
+        if lr is not None:
+            p(f"{rc} rcpt{'s' if rc > 1 else ''}: latency p99 optgate/postfix = {lr:.2f}  "
+              f"(target <= 0.25)  {verdict(lr <= 0.25)};  optgate p50 = "
+              f"{num(p50('optgate', rc), '{:.1f}')} ms  (target < 50 ms)  "
+              f"{verdict(None if p50('optgate', rc) is None else p50('optgate', rc) < 50)}")
+    peaks = [r["rss"]["peak_mb"] for k, r in cases.items() if k[0] == "optgate" and r.get("rss")]
+    if peaks:
+        p(f"peak RSS of optgate during the load: {max(peaks):.1f} MB  (target < 150 MB)  "
+          f"{verdict(max(peaks) < 150)}")
+    if "idle" in memory:
+        m = memory["idle"]
+        p(f"{m['connections']} idle connections: +{m['delta_mb']:.1f} MB "
+          f"({m['rss_before_mb']:.1f} -> {m['rss_with_idle_mb']:.1f} MB, {m['refused']} not greeted)"
+          f"  (target < 50 MB)  {verdict(m['delta_mb'] < 50 and m['refused'] == 0)}")
+    if "big" in memory:
+        m = memory["big"]
+        p(f"one {m['size_mb']:.1f} MB message: peak RSS {m['peak_rss_mb']:.1f} MB = "
+          f"{m['peak_over_size']:.2f}x its size, {m['reply'][:40]!r}, "
+          f"{'delivered in %.1f s' % m['delivered_s'] if m['delivered_s'] else 'NOT delivered'}"
+          f"  (target < 4x)  {verdict(m['peak_over_size'] < 4 and m['delivered_s'] is not None)}")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
