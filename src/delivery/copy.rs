@@ -80,7 +80,7 @@ impl CopyMaker {
         Template::Marketing {
             purpose_tag: purpose_tag(&purpose.id),
             prepared: Box::new(Prepared::new(
-                &message.body,
+                message.body.clone(),
                 &footer,
                 &self.config.smtp.hostname,
             )),

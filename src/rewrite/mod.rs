@@ -10,6 +10,7 @@ mod tests;
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::Arc;
 
 use mail_parser::MessageParser;
 
@@ -76,7 +77,9 @@ enum Segment {
 /// Boxed slices keep it small (under 100 bytes) for the caches that hold it.
 #[derive(Debug)]
 pub struct Prepared {
-    original: Box<[u8]>,
+    /// The message as queued, shared with the queue's copy rather than duplicated:
+    /// a large message is then held once, not once more per prepared template.
+    original: Arc<Vec<u8>>,
     /// Header blocks and pre-encoded runs, addressed by range.
     owned: Box<[u8]>,
     segments: Box<[Segment]>,
@@ -90,7 +93,7 @@ impl Prepared {
     /// Never fails: a message it cannot understand gets the headers only. A missing
     /// Date is today; a missing Message-ID is random: one each per message, shared
     /// by its copies, like the ones a mailer would have set.
-    pub fn new(message: &[u8], footer: &Footer, hostname: &str) -> Prepared {
+    pub fn new(message: Arc<Vec<u8>>, footer: &Footer, hostname: &str) -> Prepared {
         Prepared::new_at(
             message,
             footer,
@@ -102,12 +105,13 @@ impl Prepared {
 
     /// [`Prepared::new`] with the clock and the randomness given: the pure core.
     pub fn new_at(
-        message: &[u8],
+        shared: Arc<Vec<u8>>,
         footer: &Footer,
         hostname: &str,
         now: i64,
         unique: u128,
     ) -> Prepared {
+        let message: &[u8] = &shared;
         let header_end = header_block_len(message);
         let rest = &message[header_end..];
         let blank_end = header_end
@@ -226,7 +230,7 @@ impl Prepared {
         segments.retain(|s| !matches!(s, Segment::Original(r) if r.is_empty()));
 
         Prepared {
-            original: message.into(),
+            original: shared.clone(),
             owned: owned.into_boxed_slice(),
             segments: segments.into_boxed_slice(),
             parts: parts.into_boxed_slice(),

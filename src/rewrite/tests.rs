@@ -2,6 +2,7 @@
 //! checked part by part (link placement, encodings, untouched bytes, line lengths).
 
 use super::*;
+use std::sync::Arc;
 
 const MSG: &[u8] = b"From: a@example.com\r\nX-Optgate-Purpose: news\r\n  letter\r\nSubject: Hi\r\n there\r\nx-optgate-trace: 1\r\n\r\nX-Optgate-Purpose: body stays\r\n";
 
@@ -48,7 +49,13 @@ fn links() -> Links<'static> {
 
 fn prepare(message: &[u8], locale: &str) -> Prepared {
     let footer = Footer::default_for(locale, "Newsletter");
-    Prepared::new_at(message, &footer, "gw.optgate.example", NOW, 0xfeed)
+    Prepared::new_at(
+        Arc::new(message.to_vec()),
+        &footer,
+        "gw.optgate.example",
+        NOW,
+        0xfeed,
+    )
 }
 
 fn render(message: &[u8], locale: &str) -> Rendered {
@@ -590,8 +597,8 @@ fn date_and_message_id_are_added_only_when_missing() {
     }
     // Random ids differ per message.
     let footer = Footer::default_for("en", "n");
-    let a = Prepared::new(msg, &footer, "h.example").render(&links());
-    let b = Prepared::new(msg, &footer, "h.example").render(&links());
+    let a = Prepared::new(Arc::new(msg.to_vec()), &footer, "h.example").render(&links());
+    let b = Prepared::new(Arc::new(msg.to_vec()), &footer, "h.example").render(&links());
     assert_ne!(
         header_value(&a.bytes, "Message-ID"),
         header_value(&b.bytes, "Message-ID")
@@ -624,7 +631,7 @@ fn the_preferences_line_appears_only_with_a_preference_link() {
         text: "Bye: {unsubscribe_url}\nPrefs: {preferences_url}\n".into(),
         html: "<p><a href=\"{unsubscribe_url}\">bye</a></p>\n<p><a href=\"{preferences_url}\">prefs</a></p>".into(),
     };
-    let out = Prepared::new_at(&msg, &footer, "h", NOW, 1).render(&links());
+    let out = Prepared::new_at(Arc::new(msg.to_vec()), &footer, "h", NOW, 1).render(&links());
     assert!(
         text_parts(&out.bytes)[0]
             .1
@@ -635,7 +642,7 @@ fn the_preferences_line_appears_only_with_a_preference_link() {
         text: "Thanks for reading.".into(),
         html: String::new(),
     };
-    let out = Prepared::new_at(&msg, &footer, "h", NOW, 1).render(&links());
+    let out = Prepared::new_at(Arc::new(msg.to_vec()), &footer, "h", NOW, 1).render(&links());
     let text = &text_parts(&out.bytes)[0].1;
     assert!(
         text.ends_with(&format!("\r\n\r\nThanks for reading.\r\n{URL}\r\n")),
@@ -757,12 +764,16 @@ fn render_time_of_the_newsletter() {
     let mut prepare_times = Vec::new();
     for _ in 0..if cfg!(debug_assertions) { 3 } else { 201 } {
         let t = std::time::Instant::now();
-        std::hint::black_box(Prepared::new(&msg, &footer, "gw.optgate.example"));
+        std::hint::black_box(Prepared::new(
+            Arc::new(msg.to_vec()),
+            &footer,
+            "gw.optgate.example",
+        ));
         prepare_times.push(t.elapsed());
     }
     prepare_times.sort();
     let prepare_time = prepare_times[prepare_times.len() / 2];
-    let prepared = Prepared::new(&msg, &footer, "gw.optgate.example");
+    let prepared = Prepared::new(Arc::new(msg.to_vec()), &footer, "gw.optgate.example");
     let mut times = Vec::new();
     for _ in 0..7 {
         let t = std::time::Instant::now();
