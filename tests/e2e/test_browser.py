@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
@@ -80,9 +81,11 @@ def press(driver, label: str, expected_heading: str):
     """Clicks the submit button labelled `label` and waits for a page whose heading contains `expected_heading`."""
     [button] = [b for b in driver.find_elements(By.CSS_SELECTOR, "form button[type=submit]") if b.text == label]
     button.click()
-    WebDriverWait(driver, WAIT).until(
-        expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "h1"), expected_heading)
-    )
+    # While the next page loads, Chromium may answer about nodes of the old one
+    # ("Node with given id does not belong to the document"): wait through that.
+    wait = WebDriverWait(driver, WAIT, ignored_exceptions=(WebDriverException,))
+    wait.until(expected_conditions.staleness_of(button))
+    wait.until(expected_conditions.text_to_be_present_in_element((By.TAG_NAME, "h1"), expected_heading))
 
 
 def assert_fits_a_phone(driver):
