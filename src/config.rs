@@ -139,6 +139,11 @@ pub struct QueueConfig {
     pub max_age: Duration,
     /// Deliveries in flight at once.
     pub concurrency: usize,
+    /// New SMTP sessions wait for their greeting while more copies than this wait to
+    /// be made (0: never).
+    pub backpressure_copies: usize,
+    /// The longest such a wait lasts; the session is then served anyway.
+    pub backpressure_max_wait: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +449,8 @@ struct RawQueue {
     retry_schedule: Vec<String>,
     max_age: String,
     concurrency: usize,
+    backpressure_copies: usize,
+    backpressure_max_wait: String,
 }
 
 impl Default for RawQueue {
@@ -452,6 +459,8 @@ impl Default for RawQueue {
             retry_schedule: ["1m", "5m", "15m", "1h", "4h"].map(String::from).to_vec(),
             max_age: "5d".into(),
             concurrency: 64,
+            backpressure_copies: 32,
+            backpressure_max_wait: "20s".into(),
         }
     }
 }
@@ -953,6 +962,9 @@ impl Validator<'_> {
                 .collect::<Result<_, _>>()?,
             max_age: self.duration("queue.max_age", &raw.max_age)?,
             concurrency: raw.concurrency,
+            backpressure_copies: raw.backpressure_copies,
+            backpressure_max_wait: self
+                .duration("queue.backpressure_max_wait", &raw.backpressure_max_wait)?,
         })
     }
 }

@@ -12,7 +12,7 @@ use crate::dkim::KeyRing;
 use crate::inbound::{self, Inbound};
 use crate::policy::Policy;
 use crate::relay::Relay;
-use crate::spool::Spool;
+use crate::spool::{Intake, Spool};
 use crate::store::{SqliteStore, Store};
 use crate::token::TokenKeys;
 use crate::web::{self, Web};
@@ -34,7 +34,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let dkim = Arc::new(KeyRing::load(&config.dkim, &config.storage.data_dir)?);
     let copies = CopyMaker::new(config.clone(), store.clone(), tokens.clone(), dkim);
 
-    let (spool, ready, spool_writer) = Spool::start(store.clone());
+    let intake = Intake::new(
+        config.queue.backpressure_copies,
+        config.queue.backpressure_max_wait,
+    );
+    let (spool, ready, spool_writer) = Spool::start(store.clone(), intake);
     let shutdown = CancellationToken::new();
     let delivery = crate::delivery::start(
         config.clone(),

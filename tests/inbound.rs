@@ -8,7 +8,7 @@ use optgate::address::Address;
 use optgate::config::Config;
 use optgate::inbound::{self, Inbound};
 use optgate::policy::Policy;
-use optgate::spool::Spool;
+use optgate::spool::{Intake, Spool};
 use optgate::store::{ConsentAction, NewConsentEvent, SqliteStore, Store};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -71,7 +71,7 @@ basis = "consent"
         })
         .unwrap();
 
-    let (spool, _ready, writer) = Spool::start(store.clone());
+    let (spool, _ready, writer) = Spool::start(store.clone(), Intake::unlimited());
     let inbound = Arc::new(Inbound {
         config: config.clone(),
         policy: Policy::new(store.clone()),

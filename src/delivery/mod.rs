@@ -19,7 +19,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::{OnceCell, Semaphore, mpsc};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use crate::address::Address;
 use crate::clock;
 use crate::config::Config;
 use crate::relay::{Relay, RelayError};
-use crate::spool::{self, Ready, Spool};
+use crate::spool::{self, Ready, Spool, Ticket};
 use crate::store::{
     DeliveryOutcome, NewMessage, OutcomeKind, QueuedMessage, RecipientDecision, Store,
 };
@@ -74,6 +74,9 @@ pub fn start(
         copies: Arc::new(copies),
         spool,
         outcomes,
+        cpu: Arc::new(Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )),
         timers: BinaryHeap::new(),
         next_seq: 0,
         due: VecDeque::new(),
@@ -196,9 +199,13 @@ struct Scheduler {
     spool: Spool,
     outcomes: mpsc::UnboundedSender<DeliveryOutcome>,
     concurrency: usize,
+    /// One permit per core for making copies: the attempts in flight take turns in
+    /// order instead of all sharing the cores at once, so the oldest finish first.
+    cpu: Arc<Semaphore>,
     timers: BinaryHeap<Timer>,
     next_seq: u64,
-    due: VecDeque<Delivery>,
+    /// Each with its place in the backlog that intake waits on.
+    due: VecDeque<(Delivery, Ticket)>,
     slots: HashMap<Arc<str>, Slot>,
     in_flight: JoinSet<Attempted>,
     /// Which delivery each task carries, to recover it should the task panic.
@@ -322,7 +329,8 @@ impl Scheduler {
             .entry(delivery.message_id.clone())
             .or_insert_with(|| Slot::new(Arc::new(OnceCell::new()), 0));
         slot.users += 1;
-        self.due.push_back(delivery);
+        let ticket = self.spool.intake().due();
+        self.due.push_back((delivery, ticket));
     }
 
     /// A message just committed: its recipients are due now, its body is at hand.
@@ -337,6 +345,7 @@ impl Scheduler {
         if self.resumed.remove(message.id.as_str()) || recipients.is_empty() {
             return;
         }
+        self.spool.intake().queued(recipients.len());
         let id: Arc<str> = message.id.as_str().into();
         if !self.slots.contains_key(&id) {
             let size = message.body.len();
@@ -359,7 +368,7 @@ impl Scheduler {
 
     fn start_due(&mut self) {
         while self.in_flight.len() < self.concurrency {
-            let Some(delivery) = self.due.pop_front() else {
+            let Some((delivery, ticket)) = self.due.pop_front() else {
                 return;
             };
             let Some(slot) = self.slots.get(&delivery.message_id) else {
@@ -368,12 +377,16 @@ impl Scheduler {
                 continue;
             };
             let task = attempt(
-                self.store.clone(),
-                self.relay.clone(),
-                self.copies.clone(),
+                Stages {
+                    store: self.store.clone(),
+                    relay: self.relay.clone(),
+                    copies: self.copies.clone(),
+                    cpu: self.cpu.clone(),
+                },
                 slot.body.clone(),
                 slot.template.clone(),
                 delivery.clone(),
+                ticket,
             );
             let handle = self.in_flight.spawn(task);
             self.in_flight_ids.insert(handle.id(), delivery);
@@ -686,16 +699,30 @@ fn failed(failure: Failure) -> OutcomeKind {
     }
 }
 
-/// One attempt: the message (shared by its recipients, read once), its rewrite
-/// template (prepared once), this recipient's signed copy, and the upstream's answer.
-async fn attempt(
+/// What an attempt goes through.
+struct Stages {
     store: Arc<dyn Store>,
     relay: Arc<Relay>,
     copies: Arc<CopyMaker>,
+    cpu: Arc<Semaphore>,
+}
+
+/// One attempt: the message (shared by its recipients, read once), its rewrite
+/// template (prepared once), this recipient's signed copy, and the upstream's answer.
+/// The ticket (its place in the backlog) is given back once the copy is made.
+async fn attempt(
+    stages: Stages,
     body: Body,
     template: SharedTemplate,
     delivery: Delivery,
+    ticket: Ticket,
 ) -> Attempted {
+    let Stages {
+        store,
+        relay,
+        copies,
+        cpu,
+    } = stages;
     let unavailable = |delivery, e: String| Attempted {
         delivery,
         result: AttemptResult::Unavailable(e),
@@ -712,6 +739,10 @@ async fn attempt(
             };
         }
         Err(LoadError::Unavailable(e)) => return unavailable(delivery, e),
+    };
+    // Never closed: the scheduler owns it.
+    let Ok(core) = cpu.acquire().await else {
+        return unavailable(delivery, "the copy makers are closed".into());
     };
     let prepared =
         template
@@ -733,6 +764,7 @@ async fn attempt(
         Ok(Err(e)) => return unavailable(delivery, e.to_string()),
         Err(e) => return unavailable(delivery, format!("making the copy panicked: {e}")),
     };
+    drop((core, ticket));
     let result = relay
         .send(&message.sender, &delivery.recipient, &copy.bytes)
         .await;

@@ -113,6 +113,8 @@ mod tests {
             retry_schedule: [60, 300, 900].map(Duration::from_secs).to_vec(),
             max_age: Duration::from_secs(5 * 86400),
             concurrency: 4,
+            backpressure_copies: 0,
+            backpressure_max_wait: Duration::ZERO,
         }
     }
 

@@ -83,7 +83,7 @@ fn run(config: Arc<Config>, store: Arc<Flaky>) -> Running {
         Arc::new(tokens),
         Arc::new(dkim),
     );
-    let (spool, ready, writer) = Spool::start(dyn_store.clone());
+    let (spool, ready, writer) = Spool::start(dyn_store.clone(), spool::Intake::unlimited());
     let shutdown = CancellationToken::new();
     let delivery = start(
         config,

@@ -19,6 +19,7 @@ use super::Inbound;
 use super::reply::Reply;
 use super::wire::{Input, Line, MAX_COMMAND_LINE, Stream};
 use crate::address::Address;
+use crate::spool::Admission;
 
 /// Errors in a row (unknown commands, bad syntax, bad sequence) before we hang up.
 const MAX_ERRORS_IN_A_ROW: u32 = 10;
@@ -96,6 +97,9 @@ pub(super) struct Session {
     pub tx: Option<Transaction>,
     errors_in_a_row: u32,
     pub auth_failures: u32,
+    /// Room in delivery's backlog (see `spool::intake`): waited for before the
+    /// greeting and before each later MAIL, let go when that transaction ends.
+    admission: Option<Admission>,
 }
 
 /// Serves one accepted connection to its end. I/O errors end it quietly: a client
@@ -123,6 +127,7 @@ pub(super) async fn run(
         tx: None,
         errors_in_a_row: 0,
         auth_failures: 0,
+        admission: None,
     };
     match session.serve().await {
         Ok(()) => {
@@ -135,11 +140,26 @@ pub(super) async fn run(
 
 impl Session {
     async fn serve(&mut self) -> io::Result<()> {
+        let intake = self.inbound.spool.intake().clone();
+        tokio::select! {
+            admission = intake.admit() => self.admission = Some(admission),
+            _ = self.shutdown.cancelled() => {
+                self.send(Reply::new(421, "4.3.2", "Service shutting down"));
+                return self.flush().await;
+            }
+        }
         let greeting = self.greeting();
         self.send(greeting);
         loop {
             let flow = match self.next_line().await? {
-                Next::Line(line) => self.command(&line).await?,
+                Next::Line(line) => {
+                    let flow = self.command(&line).await?;
+                    if self.tx.is_none() && self.admission.as_ref().is_some_and(Admission::begun) {
+                        // The transaction it let in is over (queued, reset or refused).
+                        self.admission = None;
+                    }
+                    flow
+                }
                 Next::TooLong => {
                     self.send(Reply::new(500, "5.5.2", "Line too long"));
                     Flow::Continue
@@ -191,7 +211,24 @@ impl Session {
                 mechanism,
                 initial_response,
             } => return self.auth(mechanism, &initial_response).await,
-            Request::Mail { from } => self.mail(&from, line),
+            Request::Mail { from } => {
+                if self.admission.is_none() {
+                    // A later transaction on this connection waits for room too.
+                    self.flush().await?;
+                    let intake = self.inbound.spool.intake().clone();
+                    tokio::select! {
+                        admission = intake.admit() => self.admission = Some(admission),
+                        _ = self.shutdown.cancelled() => return Ok(self.hang_up(Next::Shutdown)),
+                    }
+                }
+                let reply = self.mail(&from, line);
+                if self.tx.is_some()
+                    && let Some(admission) = &mut self.admission
+                {
+                    admission.begin();
+                }
+                reply
+            }
             Request::Rcpt { to } => self.rcpt(&to),
             Request::Data => return self.data().await,
             Request::Bdat {

@@ -19,7 +19,7 @@ use super::{Inbound, server};
 use crate::address::Address;
 use crate::config::Config;
 use crate::policy::Policy;
-use crate::spool::{Ready, Spool};
+use crate::spool::{Intake, Ready, Spool};
 use crate::store::testing::{Flaky, Op};
 use crate::store::*;
 
@@ -86,7 +86,7 @@ basis = "transactional"
         }
         consent(&store, WITHDRAWN, ConsentAction::Grant);
         consent(&store, WITHDRAWN, ConsentAction::Withdraw);
-        let (spool, ready, _writer) = Spool::start(store.clone());
+        let (spool, ready, _writer) = Spool::start(store.clone(), Intake::unlimited());
         let inbound = Arc::new(Inbound {
             config: Arc::new(config),
             policy: Policy::new(store.clone()),

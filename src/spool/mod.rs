@@ -5,6 +5,11 @@
 //! waiting at that moment, commits them in one transaction, answers them all, and
 //! passes the allowed recipients to delivery. Under load this turns one fsync per
 //! message into one per batch without adding latency when idle.
+//!
+//! The door also says when to wait ([`intake`]): new sessions are held at their
+//! greeting while delivery is behind.
+
+mod intake;
 
 use std::sync::Arc;
 
@@ -12,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::store::{NewMessage, QueuedMessage, Store, StoreError};
+pub use intake::{Admission, Intake, Ticket};
 
 /// Largest group committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -41,15 +47,24 @@ struct Job {
 #[derive(Clone)]
 pub struct Spool {
     jobs: mpsc::Sender<Job>,
+    intake: Arc<Intake>,
 }
 
 impl Spool {
     /// Starts the writer. Committed messages come out of the returned receiver.
-    pub fn start(store: Arc<dyn Store>) -> (Spool, mpsc::UnboundedReceiver<Ready>, JoinHandle<()>) {
+    pub fn start(
+        store: Arc<dyn Store>,
+        intake: Arc<Intake>,
+    ) -> (Spool, mpsc::UnboundedReceiver<Ready>, JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(4 * MAX_BATCH);
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(store, rx, ready_tx));
-        (Spool { jobs }, ready_rx, writer)
+        (Spool { jobs, intake }, ready_rx, writer)
+    }
+
+    /// Where sessions wait for room and delivery reports its backlog.
+    pub fn intake(&self) -> &Arc<Intake> {
+        &self.intake
     }
 
     /// Stores the message durably; returns once it is committed and fsync'd.

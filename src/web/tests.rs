@@ -15,7 +15,7 @@ use tower::ServiceExt;
 use super::{Web, router, serve_on};
 use crate::address::Address;
 use crate::config::Config;
-use crate::spool::{Ready, Spool};
+use crate::spool::{Intake, Ready, Spool};
 use crate::store::{ConsentAction, ConsentEvent, LatestEvent, NewConsentEvent, SqliteStore, Store};
 use crate::token::{Claims, TokenKey, TokenKeys, TokenKind, purpose_tag};
 
@@ -99,7 +99,7 @@ basis = "transactional"
     let config = Config::parse(&text, &dir.path().join("optgate.toml")).unwrap();
     let store = Arc::new(SqliteStore::open(&dir.path().join("optgate.db"), false).unwrap());
     let tokens = TokenKeys::new(vec![TokenKey::new(1, &[7u8; 32], None).unwrap()]).unwrap();
-    let (spool, ready, _writer) = Spool::start(store.clone());
+    let (spool, ready, _writer) = Spool::start(store.clone(), Intake::unlimited());
     let web = Arc::new(Web {
         config: Arc::new(config),
         store: store.clone(),

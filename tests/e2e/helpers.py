@@ -143,6 +143,7 @@ class Upstream:
         self.messages: list[Received] = []
         self.attempts: Counter = Counter()  # RCPT commands seen, per recipient
         self._scripts: dict = {}  # recipient -> iterator of replies; exhausted = accept
+        self._held: dict[str, threading.Event] = {}  # recipient -> set when let go
         self._changed = threading.Condition()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=True)
 
@@ -168,6 +169,18 @@ class Upstream:
         with self._changed:
             self._scripts.pop(rcpt, None)
 
+    def hold(self, rcpt: str):
+        """Messages to `rcpt` get no answer after their data (the attempt hangs, as
+        with a slow server) until `let_go`."""
+        with self._changed:
+            self._held[rcpt] = threading.Event()
+
+    def let_go(self, rcpt: str):
+        with self._changed:
+            held = self._held.pop(rcpt, None)
+        if held:
+            held.set()
+
     # -- aiosmtpd hooks
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -184,6 +197,10 @@ class Upstream:
         return reply
 
     async def handle_DATA(self, server, session, envelope):
+        with self._changed:
+            held = [self._held[r] for r in envelope.rcpt_tos if r in self._held]
+        for event in held:
+            await asyncio.get_running_loop().run_in_executor(None, event.wait, WAIT)
         message = Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content))
         with self._changed:
             self.messages.append(message)

@@ -1,0 +1,352 @@
+//! Backpressure: intake keeps pace with delivery. A new SMTP session waits for its
+//! greeting while more copies wait to be made than `queue.backpressure_copies`.
+//!
+//! Without it a fast mailer queues messages far faster than their copies can be
+//! signed (each copy costs an RSA signature), and every message then waits behind the
+//! whole backlog: latency and memory grow with the campaign. Waiting before the
+//! greeting, before any transaction starts, is the gentlest signal SMTP has (Postfix's
+//! `in_flow_delay` slows its clients in the same spirit). Waiting sessions are let in
+//! one at a time, in arrival order, each reserving room for the copies its message is
+//! expected to make, so that a wave of waiting clients is not let in all at once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How fast the expected number of copies per message follows the messages queued.
+const EWMA_WEIGHT: f64 = 0.2;
+/// A session let in at its greeting holds its room this long for its first MAIL; a
+/// connection that idles (a pool opened ahead of need) then stops holding it.
+const GREETING_HOLD: Duration = Duration::from_secs(2);
+
+pub struct Intake {
+    /// Copies waiting to be made beyond which sessions wait; 0 never waits.
+    limit: usize,
+    /// A session waits at most this long, then is served anyway: slowness is the
+    /// signal, mail is never refused for it.
+    max_wait: Duration,
+    state: Mutex<State>,
+    changed: Notify,
+    /// Waiting sessions queue here, so they are let in in the order they came.
+    turn: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Copies due or being made: delivery's backlog.
+    pending: usize,
+    /// Copies the admitted sessions are expected to queue.
+    reserved: usize,
+    /// Recipients per queued message, averaged (0 until the first).
+    per_message: f64,
+    /// Room held by sessions let in at their greeting and not yet at MAIL, by id:
+    /// until when, and how many copies.
+    greeted: BTreeMap<u64, (Instant, usize)>,
+    next_id: u64,
+}
+
+impl State {
+    fn expected(&self) -> usize {
+        // Recipients per message are small counts: the cast cannot truncate.
+        (self.per_message.ceil() as usize).max(1)
+    }
+
+    /// Gives back the room of greeted sessions that have not sent MAIL in time, and
+    /// says when the next such room expires.
+    fn expire(&mut self, now: Instant) -> Option<Instant> {
+        let expired: Vec<u64> = self
+            .greeted
+            .iter()
+            .filter(|(_, (until, _))| *until <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some((_, copies)) = self.greeted.remove(&id) {
+                self.reserved = self.reserved.saturating_sub(copies);
+            }
+        }
+        self.greeted.values().map(|(until, _)| *until).min()
+    }
+}
+
+impl Intake {
+    pub fn new(limit: usize, max_wait: Duration) -> Arc<Intake> {
+        Arc::new(Intake {
+            limit,
+            max_wait,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            turn: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Never waits: for tests and tools that queue outside any SMTP session.
+    pub fn unlimited() -> Arc<Intake> {
+        Intake::new(0, Duration::ZERO)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state is a few counters, consistent after every update: a panic
+        // elsewhere while it was held leaves nothing half-done.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for room before a session's greeting. The room is held for its first
+    /// MAIL ([`Admission::begin`]) for a short while, so that the sessions waiting
+    /// behind it see it taken.
+    pub async fn admit(self: &Arc<Intake>) -> Admission {
+        if self.limit == 0 {
+            return self.unreserved();
+        }
+        let deadline = Instant::now() + self.max_wait;
+        let _turn = self.turn.lock().await;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let next_expiry = {
+                let mut s = self.state();
+                let next_expiry = s.expire(now);
+                let load = s.pending + s.reserved;
+                let expected = s.expected();
+                // A message larger than the limit still gets in once the way is clear.
+                if load == 0 || load + expected <= self.limit || now >= deadline {
+                    if now >= deadline {
+                        tracing::debug!(wait = ?self.max_wait, "delivery is behind; a session waited its longest and is let in");
+                    }
+                    return self.greeted(&mut s, now);
+                }
+                next_expiry
+            };
+            let wake = next_expiry.map_or(deadline, |e| e.min(deadline));
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn unreserved(self: &Arc<Intake>) -> Admission {
+        Admission {
+            intake: self.clone(),
+            id: None,
+            copies: 0,
+            begun: false,
+        }
+    }
+
+    fn greeted(self: &Arc<Intake>, s: &mut State, now: Instant) -> Admission {
+        let copies = s.expected();
+        let id = s.next_id;
+        s.next_id += 1;
+        s.greeted.insert(id, (now + GREETING_HOLD, copies));
+        s.reserved += copies;
+        Admission {
+            intake: self.clone(),
+            id: Some(id),
+            copies,
+            begun: false,
+        }
+    }
+
+    /// A message was queued with this many copies to make.
+    pub fn queued(&self, copies: usize) {
+        let mut s = self.state();
+        s.per_message = if s.per_message == 0.0 {
+            copies as f64
+        } else {
+            s.per_message + EWMA_WEIGHT * (copies as f64 - s.per_message)
+        };
+    }
+
+    /// One more copy is due (a new message's recipient, or a retry whose time came);
+    /// the ticket is its place in the backlog, given back when the copy is made.
+    pub fn due(self: &Arc<Intake>) -> Ticket {
+        self.state().pending += 1;
+        Ticket {
+            intake: self.clone(),
+        }
+    }
+
+    /// Copies due or being made, and those the admitted sessions are expected to add.
+    pub fn backlog(&self) -> (usize, usize) {
+        let s = self.state();
+        (s.pending, s.reserved)
+    }
+
+    fn release(&self, pending: usize, reserved: usize) {
+        {
+            let mut s = self.state();
+            s.pending = s.pending.saturating_sub(pending);
+            s.reserved = s.reserved.saturating_sub(reserved);
+        }
+        self.changed.notify_waiters();
+    }
+}
+
+/// A session's room in the backlog: taken before its greeting (or its next MAIL),
+/// given back when the transaction it let in ends (the admission is dropped).
+pub struct Admission {
+    intake: Arc<Intake>,
+    /// Its entry among the greeted sessions, while it may still expire.
+    id: Option<u64>,
+    copies: usize,
+    begun: bool,
+}
+
+impl Admission {
+    /// The session's MAIL was accepted: its room is held until the admission is
+    /// dropped, taken again if it had lapsed while the client took its time.
+    pub fn begin(&mut self) {
+        if self.begun || self.copies == 0 {
+            self.begun = true;
+            return;
+        }
+        self.begun = true;
+        let mut s = self.intake.state();
+        let held = self.id.take().and_then(|id| s.greeted.remove(&id));
+        if held.is_none() {
+            s.reserved += self.copies;
+        }
+    }
+
+    /// Whether a transaction has begun under it.
+    pub fn begun(&self) -> bool {
+        self.begun
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if self.copies == 0 {
+            return;
+        }
+        let held = {
+            let mut s = self.intake.state();
+            match self.id.take() {
+                // Not begun: held only if it has not lapsed.
+                Some(id) => s.greeted.remove(&id).is_some(),
+                None => self.begun,
+            }
+        };
+        if held {
+            self.intake.release(0, self.copies);
+        }
+    }
+}
+
+/// A due copy's place in the backlog, given back when dropped.
+pub struct Ticket {
+    intake: Arc<Intake>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.intake.release(1, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_wait_while_delivery_is_behind_and_enter_in_order() {
+        let intake = Intake::new(4, Duration::from_secs(60));
+        let mut tickets: Vec<Ticket> = (0..4).map(|_| intake.due()).collect();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for n in 0..2 {
+            let (intake, tx) = (intake.clone(), tx.clone());
+            tokio::spawn(async move {
+                let admission = intake.admit().await;
+                tx.send((n, admission)).unwrap();
+            });
+            // Let each reach the queue before the next, so the order is defined.
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(rx.try_recv().is_err(), "let in with a full backlog");
+
+        // One copy made: room for one expected copy, so exactly one session enters.
+        drop(tickets.pop());
+        let (first, mut admission) = rx.recv().await.unwrap();
+        assert_eq!(first, 0);
+        admission.begin();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "the second came in before room was made"
+        );
+        assert_eq!(intake.backlog(), (3, 1));
+
+        // Its message queued (delivery counts its copy, the session lets go of its
+        // room): still full; then a copy made lets the second in.
+        let queued = intake.due();
+        drop(admission);
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err());
+        drop(queued);
+        let (second, _admission) = rx.recv().await.unwrap();
+        assert_eq!(second, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_greeted_session_that_idles_stops_holding_room() {
+        let intake = Intake::new(2, Duration::from_secs(60));
+        let _ticket = intake.due();
+        let mut idle = intake.admit().await;
+        assert_eq!(intake.backlog(), (1, 1));
+        let started = Instant::now();
+        let next = intake.admit().await;
+        assert_eq!(started.elapsed(), GREETING_HOLD);
+        assert_eq!(intake.backlog(), (1, 1));
+        // Its MAIL, late: the room is taken again; dropping it gives it back once.
+        idle.begin();
+        assert_eq!(intake.backlog(), (1, 2));
+        drop(idle);
+        drop(next);
+        assert_eq!(intake.backlog(), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_waits_at_most_max_wait() {
+        let intake = Intake::new(1, Duration::from_secs(20));
+        let _ticket = intake.due();
+        let started = Instant::now();
+        let _admission = intake.admit().await;
+        assert_eq!(started.elapsed(), Duration::from_secs(20));
+        assert_eq!(intake.backlog(), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_larger_than_the_limit_enters_once_the_way_is_clear() {
+        let intake = Intake::new(4, Duration::from_secs(60));
+        intake.queued(10);
+        let started = Instant::now();
+        let mut admission = intake.admit().await;
+        admission.begin();
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(intake.backlog(), (0, 10));
+        let next = tokio::spawn({
+            let intake = intake.clone();
+            async move { intake.admit().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!next.is_finished());
+        drop(admission);
+        assert!(next.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn unlimited_never_waits_or_counts() {
+        let intake = Intake::unlimited();
+        let _tickets: Vec<Ticket> = (0..100).map(|_| intake.due()).collect();
+        let mut admission = intake.admit().await;
+        admission.begin();
+        assert_eq!(intake.backlog(), (100, 0));
+    }
+}
