@@ -110,21 +110,21 @@ impl Session {
         self.send(Reply::bare(354, "Start mail input; end with <CRLF>.<CRLF>"));
         let max = self.inbound.config.smtp.max_message_size;
         let mut reader = DotReader::new(max);
-        loop {
-            if let Some(used) = reader.feed(self.input.bytes()) {
-                self.input.consume(used);
-                break;
+        let decoded = loop {
+            if let Some(decoded) = reader.feed(self.input.message()) {
+                break decoded;
             }
-            let all = self.input.bytes().len();
-            self.input.consume(all);
+            self.input.expect_message();
             if let Some(flow) = self.fill_data().await? {
+                // The buffer holds the message so far, which is not input.
+                self.input.clear();
                 return Ok(flow);
             }
-        }
+        };
         let Some(tx) = self.tx.take() else {
             return Ok(Flow::Continue);
         };
-        let reply = match reader.finish() {
+        let reply = match decoded {
             Ok(body) => self.end_of_data(tx, body).await,
             Err(size) => {
                 tracing::warn!(peer = %self.peer.ip(), size, max, "message too big");
@@ -227,10 +227,12 @@ impl Session {
     async fn end_of_data(&self, tx: Transaction, raw: Vec<u8>) -> Reply {
         let config = &self.inbound.config;
         let ip = self.peer.ip().to_canonical();
-        let body = message::normalize_line_endings(&raw);
-        drop(raw);
+        let message::Normalized {
+            message: mut body,
+            longest_line,
+        } = message::normalize_line_endings(raw);
         let max_line = config.smtp.max_line_length;
-        if message::has_long_line(&body, max_line) {
+        if longest_line > max_line {
             return Reply::new(
                 554,
                 "5.6.0",
@@ -298,10 +300,12 @@ impl Session {
             },
             date: &clock::rfc5322(now),
         });
-        let mut bytes = Vec::with_capacity(received.len() + body.len());
-        bytes.extend_from_slice(received.as_bytes());
-        bytes.extend_from_slice(&body);
-        drop(body);
+        // The header goes in front where the body lies: one move within its buffer
+        // rather than a second buffer the size of the message. The buffer grew by
+        // doubling as the message was read; what is queued keeps only the message
+        // (realloc shrinks in place).
+        body.splice(0..0, received.bytes());
+        body.shrink_to_fit();
 
         let outcome = Outcome::of(&decisions);
         let origin = match &self.account {
@@ -324,7 +328,7 @@ impl Session {
                 sender: tx.sender,
                 purpose: purpose.id.clone(),
                 received_at: now,
-                body: std::sync::Arc::new(bytes),
+                body: std::sync::Arc::new(body),
             },
             recipients,
             origin,

@@ -340,6 +340,47 @@ async fn smuggled_commands_stay_inside_the_message() {
 }
 
 #[tokio::test]
+async fn a_message_over_many_reads_is_decoded_as_one() {
+    let gw = Gateway::start("").await;
+    let mut c = gw.connect().await;
+    c.say("EHLO client.test").await;
+    c.say("MAIL FROM:<a@example.com>").await;
+    c.say("RCPT TO:<yes@example.org>").await;
+    assert!(c.say("DATA").await.starts_with("354 "));
+    // Far more than one read, with a stuffed dot on every tenth line.
+    let mut data = String::from("X-Optgate-Purpose: news\r\n\r\n");
+    let mut expected = data.clone();
+    for i in 0..20_000 {
+        let line = format!("line {i:05}, long enough that the message needs many reads\r\n");
+        if i % 10 == 0 {
+            data.push_str("..");
+            expected.push('.');
+        }
+        data.push_str(&line);
+        expected.push_str(&line);
+    }
+    data.push_str(".\r\nNOOP\r\n");
+    // Sent in pieces that end inside a CRLF, after a CRLF ".", and inside the end.
+    let cuts = [
+        data[100_000..].find('\r').unwrap() + 100_001,
+        data[400_000..].find("\r\n..").unwrap() + 400_003,
+        data.len() - 8,
+    ];
+    let mut from = 0;
+    for cut in cuts.into_iter().chain([data.len()]) {
+        c.send(&data[from..cut]).await;
+        from = cut;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = c.reply().await;
+    assert!(reply.starts_with("250 2.0.0 Queued as "), "{reply}");
+    assert_eq!(c.reply().await, "250 2.0.0 OK");
+    let body = gw.queued()[0].body.clone();
+    assert!(body.starts_with(b"Received: "));
+    assert!(body.ends_with(expected.as_bytes()));
+}
+
+#[tokio::test]
 async fn limits_get_their_replies_and_the_session_goes_on() {
     let gw =
         Gateway::start("max_message_size = 300\nmax_recipients = 2\nmax_line_length = 100").await;

@@ -16,6 +16,10 @@ pub(super) const MAX_COMMAND_LINE: usize = 4096;
 /// How much room each read is given (kept small: every idle session holds one).
 const READ_CHUNK: usize = 16 * 1024;
 
+/// How much room each read of message data is given, so that a message arrives in a
+/// few large reads. Only a session reading DATA holds it.
+const MESSAGE_READ_CHUNK: usize = 64 * 1024;
+
 /// The peer's connection, before or after STARTTLS.
 pub(super) enum Stream {
     Plain(TcpStream),
@@ -106,6 +110,21 @@ impl Input {
         &mut self.buf
     }
 
+    /// The buffer that DATA is decoded in, where it was read (see `DotReader::feed`),
+    /// so that the message's bytes are copied once, from the socket.
+    pub fn message(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Makes room for a large read: the rest of a message is coming. The buffer grows
+    /// only when less than a command read's room is left, as growing copies what it
+    /// holds; and only once the message is known to go on, for the same reason.
+    pub fn expect_message(&mut self) {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK {
+            self.buf.reserve(MESSAGE_READ_CHUNK);
+        }
+    }
+
     pub fn bytes(&self) -> &[u8] {
         &self.buf
     }
@@ -115,7 +134,8 @@ impl Input {
         self.buf.drain(..n.min(self.buf.len()));
     }
 
-    /// Forgets everything received so far (what a client pipelined after STARTTLS).
+    /// Forgets everything received so far (what a client pipelined after STARTTLS, or
+    /// a message cut short).
     pub fn clear(&mut self) {
         self.buf.clear();
         self.skipping = false;
@@ -124,7 +144,7 @@ impl Input {
     /// The next complete line, if there is one in the buffer.
     pub fn next_line(&mut self, max: usize) -> Option<Line> {
         loop {
-            let newline = self.buf.iter().position(|&b| b == b'\n');
+            let newline = memchr::memchr(b'\n', &self.buf);
             if self.skipping {
                 match newline {
                     Some(pos) => {
@@ -177,6 +197,22 @@ mod tests {
         assert_eq!(i.next_line(100), None);
         i.for_read().extend_from_slice(b"IT\r\n");
         assert_eq!(i.next_line(100), Some(Line::Complete(b"QUIT\r\n".to_vec())));
+    }
+
+    #[test]
+    fn message_reads_get_room_and_the_buffer_grows_only_when_short_of_it() {
+        let room = |i: &mut Input| i.message().capacity() - i.message().len();
+        let mut i = Input::default();
+        i.expect_message();
+        assert!(room(&mut i) >= MESSAGE_READ_CHUNK);
+        // A command read's room is still enough: no growing, which would copy.
+        let cap = i.message().capacity();
+        i.message().resize(cap - READ_CHUNK, b'x');
+        i.expect_message();
+        assert_eq!(i.message().capacity(), cap);
+        i.message().push(b'x');
+        i.expect_message();
+        assert!(room(&mut i) >= MESSAGE_READ_CHUNK);
     }
 
     #[test]
