@@ -734,7 +734,7 @@ async fn attempt(
         Err(e) => return unavailable(delivery, format!("making the copy panicked: {e}")),
     };
     let result = relay
-        .send(&message.sender, &delivery.recipient, &copy.bytes)
+        .send(&message.sender, &delivery.recipient, &copy.parts())
         .await;
     Attempted {
         delivery,
