@@ -111,11 +111,12 @@ impl Signers {
         self.by_domain.contains_key(&domain.to_ascii_lowercase())
     }
 
-    /// The message with one DKIM-Signature per key of its From domain prepended;
-    /// the message unchanged if no key is configured for that domain.
-    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, DkimError> {
+    /// One DKIM-Signature field per key of the message's From domain, to be sent
+    /// before the message; none if no key is configured for that domain. The
+    /// message is left where it is: joining the two would copy it whole, per copy.
+    pub fn signature_fields(&self, message: &[u8]) -> Result<Vec<u8>, DkimError> {
         let Some(signers) = from_domain(message).and_then(|d| self.by_domain.get(&d)) else {
-            return Ok(message.to_vec());
+            return Ok(Vec::new());
         };
         let mut headers = Vec::with_capacity(1024);
         for signer in signers {
@@ -128,10 +129,7 @@ impl Signers {
             signature.write_header(&mut field);
             headers.extend_from_slice(&close_b_tag(field));
         }
-        let mut out = Vec::with_capacity(headers.len() + message.len());
-        out.extend_from_slice(&headers);
-        out.extend_from_slice(message);
-        Ok(out)
+        Ok(headers)
     }
 }
 
@@ -182,10 +180,11 @@ impl KeyRing {
         })
     }
 
-    /// Signs with the From domain's keys, first generating one if the domain has
-    /// none and generation is on. Slow the first time for a domain (RSA key
-    /// generation): call it off the async runtime.
-    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, DkimError> {
+    /// The signature fields of the From domain's keys (see
+    /// [`Signers::signature_fields`]), first generating a key if the domain has none
+    /// and generation is on. Slow the first time for a domain (RSA key generation):
+    /// call it off the async runtime.
+    pub fn signature_fields(&self, message: &[u8]) -> Result<Vec<u8>, DkimError> {
         let poisoned = || DkimError::Sign("the key ring lock was poisoned".into());
         if let (Some(dir), Some(domain)) = (&self.generated_dir, from_domain(message))
             && !self
@@ -201,7 +200,10 @@ impl KeyRing {
                 signers.add_key_file(&domain, GENERATED_SELECTOR, Algorithm::RsaSha256, &path)?;
             }
         }
-        self.signers.read().map_err(|_| poisoned())?.sign(message)
+        self.signers
+            .read()
+            .map_err(|_| poisoned())?
+            .signature_fields(message)
     }
 }
 
@@ -370,11 +372,11 @@ mod tests {
             generate_missing: true,
         };
         let ring = KeyRing::load(&config, dir.path()).unwrap();
-        let signed = ring.sign(MSG).unwrap();
-        assert!(String::from_utf8_lossy(&signed).contains("s=optgate"));
+        let fields = ring.signature_fields(MSG).unwrap();
+        assert!(String::from_utf8_lossy(&fields).contains("s=optgate"));
         let key_file = dir.path().join("dkim/example.com.pem");
         let pem = std::fs::read(&key_file).unwrap();
-        ring.sign(MSG).unwrap();
+        ring.signature_fields(MSG).unwrap();
         assert_eq!(
             std::fs::read(&key_file).unwrap(),
             pem,
@@ -390,9 +392,8 @@ mod tests {
         };
         let other = tempfile::tempdir().unwrap();
         let ring = KeyRing::load(&off, other.path()).unwrap();
-        assert_eq!(
-            ring.sign(MSG).unwrap(),
-            MSG.to_vec(),
+        assert!(
+            ring.signature_fields(MSG).unwrap().is_empty(),
             "no key and no generation: unsigned"
         );
     }
@@ -421,9 +422,9 @@ mod tests {
                 "From: {}@example.com\r\nSubject: x\r\n\r\nbody\r\n",
                 "a".repeat(n + 1)
             );
-            let signed = signers.sign(msg.as_bytes()).unwrap();
-            let field_end = signed.windows(2).position(|w| w == b";\r").unwrap_or(0);
-            let text = String::from_utf8(signed[..signed.len() - msg.len()].to_vec()).unwrap();
+            let fields = signers.signature_fields(msg.as_bytes()).unwrap();
+            let field_end = fields.windows(2).position(|w| w == b";\r").unwrap_or(0);
+            let text = String::from_utf8(fields).unwrap();
             assert!(
                 !text
                     .trim_end()
@@ -470,7 +471,7 @@ mod tests {
                 .add_key_file("example.com", sel, alg, &path)
                 .unwrap();
         }
-        let signed = String::from_utf8(signers.sign(MSG).unwrap()).unwrap();
+        let signed = String::from_utf8(signers.signature_fields(MSG).unwrap()).unwrap();
         assert_eq!(signed.matches("DKIM-Signature:").count(), 2, "{signed}");
         assert!(signed.contains("a=rsa-sha256") && signed.contains("a=ed25519-sha256"));
         assert!(signed.contains("s=r1") && signed.contains("s=e1"));
@@ -488,11 +489,12 @@ mod tests {
             "{h}"
         );
         assert!(
-            signed.ends_with(std::str::from_utf8(MSG).unwrap()),
-            "the message itself is unchanged"
+            signed.starts_with("DKIM-Signature:") && signed.ends_with("\r\n"),
+            "whole fields, to go before the message: {signed}"
         );
-        // A domain with no key passes through untouched.
+        assert!(!signed.contains("Hello"), "the fields alone: {signed}");
+        // A domain with no key gets no field.
         let other = b"From: x@other.org\r\n\r\nbody\r\n";
-        assert_eq!(signers.sign(other).unwrap(), other.to_vec());
+        assert!(signers.signature_fields(other).unwrap().is_empty());
     }
 }

@@ -3,7 +3,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
@@ -12,8 +14,10 @@ use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
@@ -60,13 +64,14 @@ impl Relay {
         Ok(Relay { inner })
     }
 
-    /// Sends one copy; `sender` empty means the null reverse-path. Returns the
-    /// upstream's reply text on success.
+    /// Sends one copy, given as parts that follow one another (such as its
+    /// signature fields and the rest); `sender` empty means the null reverse-path.
+    /// Returns the upstream's reply text on success.
     pub async fn send(
         &self,
         sender: &str,
         recipient: &str,
-        message: &[u8],
+        message: &[&[u8]],
     ) -> Result<String, RelayError> {
         match &self.inner {
             Inner::File { dir } => write_eml(dir, sender, recipient, message).await,
@@ -110,7 +115,15 @@ struct SmtpPool {
     /// Connections open at once, at most `pool_size`.
     slots: Semaphore,
     max_idle: usize,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(Connection, Instant)>>,
+}
+
+/// One session with the upstream.
+struct Connection {
+    smtp: AsyncSmtpConnection,
+    /// The stream under `smtp`, to write messages to (see [`write_data`]); None
+    /// after STARTTLS, when lettre has put its own TLS layer over it.
+    wire: Option<Wire>,
 }
 
 impl SmtpPool {
@@ -153,24 +166,21 @@ impl SmtpPool {
         })
     }
 
-    async fn send(&self, envelope: &Envelope, message: &[u8]) -> Result<String, RelayError> {
+    async fn send(&self, envelope: &Envelope, message: &[&[u8]]) -> Result<String, RelayError> {
         let _slot = self
             .slots
             .acquire()
             .await
             .map_err(|_| RelayError::Transient("the relay is shutting down".into()))?;
         let mut conn = self.checkout().await?;
-        // lettre always ends DATA with CRLF.CRLF, so a message that already ends in
-        // CRLF would gain an empty line.
-        let data = message.strip_suffix(b"\r\n").unwrap_or(message);
-        let deadline = transaction_deadline(self.timeout, data.len());
-        match tokio::time::timeout(deadline, conn.send(envelope, data)).await {
+        let size = message.iter().map(|part| part.len()).sum();
+        let deadline = transaction_deadline(self.timeout, size);
+        match tokio::time::timeout(deadline, self.transaction(&mut conn, envelope, message)).await {
             Ok(Ok(response)) => {
                 self.checkin(conn);
                 Ok(reply_text(&response))
             }
-            // lettre has already sent QUIT and closed it after a negative reply.
-            Ok(Err(e)) => Err(map_error(&e, &self.name)),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(RelayError::Transient(format!(
                 "upstream {}: no answer within {}s during the mail transaction",
                 self.name,
@@ -179,18 +189,88 @@ impl SmtpPool {
         }
     }
 
+    /// MAIL, RCPT, DATA and the message: lettre's `send`, but for a message in parts,
+    /// written without lettre's full-size dot-stuffed copy of it. After a failure the
+    /// connection is closed (QUIT first, if it still answers), as lettre does.
+    async fn transaction(
+        &self,
+        conn: &mut Connection,
+        envelope: &Envelope,
+        message: &[&[u8]],
+    ) -> Result<Response, RelayError> {
+        let info = conn.smtp.server_info();
+        let mut parameters = Vec::new();
+        let mut addresses = envelope.from().into_iter().chain(envelope.to());
+        if addresses.any(|a| !AsRef::<str>::as_ref(a).is_ascii()) {
+            if !info.supports_feature(Extension::SmtpUtfEight) {
+                return Err(self.unsupported("a non-ASCII address", "SMTPUTF8"));
+            }
+            parameters.push(MailParameter::SmtpUtfEight);
+        }
+        if !message.iter().all(|part| part.is_ascii()) {
+            if !info.supports_feature(Extension::EightBitMime) {
+                return Err(self.unsupported("8-bit content", "8BITMIME"));
+            }
+            parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        let fail = |e: smtp::Error| map_error(&e, &self.name);
+        let sent = async {
+            conn.smtp
+                .command(Mail::new(envelope.from().cloned(), parameters))
+                .await
+                .map_err(fail)?;
+            for to in envelope.to() {
+                conn.smtp
+                    .command(Rcpt::new(to.clone(), vec![]))
+                    .await
+                    .map_err(fail)?;
+            }
+            conn.smtp.command(Data).await.map_err(fail)?;
+            match &mut conn.wire {
+                Some(wire) => {
+                    write_data(wire, message).await.map_err(|e| {
+                        RelayError::Transient(format!(
+                            "upstream {}: cannot send the message: {e}",
+                            self.name
+                        ))
+                    })?;
+                    conn.smtp.read_response().await.map_err(fail)
+                }
+                None => conn
+                    .smtp
+                    .message_iter(lettre_chunks(message))
+                    .await
+                    .map_err(fail),
+            }
+        }
+        .await;
+        if sent.is_err() {
+            conn.smtp.abort().await;
+        }
+        sent
+    }
+
+    /// The message needs an extension the upstream does not offer: perhaps another
+    /// day (or upstream) will.
+    fn unsupported(&self, what: &str, extension: &str) -> RelayError {
+        RelayError::Transient(format!(
+            "upstream {}: the message has {what} but the server does not offer {extension}",
+            self.name
+        ))
+    }
+
     /// An idle connection that still answers NOOP, or a new one.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, RelayError> {
+    async fn checkout(&self) -> Result<Connection, RelayError> {
         loop {
             let parked = self.idle.lock().ok().and_then(|mut idle| idle.pop());
             let Some((mut conn, since)) = parked else {
                 break;
             };
             if since.elapsed() > MAX_IDLE {
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.smtp.quit()).await;
                 continue;
             }
-            if let Ok(true) = tokio::time::timeout(self.timeout, conn.test_connected()).await {
+            if let Ok(true) = tokio::time::timeout(self.timeout, conn.smtp.test_connected()).await {
                 return Ok(conn);
             }
         }
@@ -214,12 +294,10 @@ impl SmtpPool {
     }
 
     /// A new session, greeted, secured and authenticated as configured.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, String> {
+    async fn connect(&self) -> Result<Connection, String> {
         let tcp = self.tcp().await?;
-        let mut conn = match &self.wrapper {
-            None => AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello)
-                .await
-                .map_err(|e| describe(&e))?,
+        let stream: Box<dyn AsyncTokioStream> = match &self.wrapper {
+            None => Box::new(tcp),
             Some(tls) => {
                 #[allow(deprecated)]
                 let mut stream = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
@@ -227,31 +305,39 @@ impl SmtpPool {
                     .upgrade_tls(tls.clone())
                     .await
                     .map_err(|e| describe(&e))?;
-                AsyncSmtpConnection::connect_with_transport(
-                    Box::new(ImplicitTls(stream.compat())),
-                    &self.hello,
-                )
-                .await
-                .map_err(|e| describe(&e))?
+                Box::new(ImplicitTls(stream.compat()))
             }
         };
+        // With STARTTLS, lettre puts its TLS layer over the stream given here, so
+        // writing to that stream directly would bypass it.
+        let (transport, wire): (Box<dyn AsyncTokioStream>, _) = match &self.starttls {
+            None => {
+                let wire = Wire(Arc::new(Mutex::new(stream)));
+                (Box::new(wire.clone()), Some(wire))
+            }
+            Some(_) => (stream, None),
+        };
+        let mut smtp = AsyncSmtpConnection::connect_with_transport(transport, &self.hello)
+            .await
+            .map_err(|e| describe(&e))?;
         if let Some(tls) = &self.starttls {
-            conn.starttls(tls.clone(), &self.hello)
+            smtp.starttls(tls.clone(), &self.hello)
                 .await
                 .map_err(|e| describe(&e))?;
         }
         if let Some(credentials) = &self.credentials {
-            conn.auth(DEFAULT_MECHANISMS, credentials)
+            smtp.auth(DEFAULT_MECHANISMS, credentials)
                 .await
                 .map_err(|e| describe(&e))?;
         }
-        Ok(conn)
+        Ok(Connection { smtp, wire })
     }
 
-    /// The TCP connection, with Nagle's algorithm off. lettre writes a message and
-    /// its final `CRLF.CRLF` separately; with Nagle on, that small last write waits
-    /// for the ACK of the first, which the server delays (40 ms on Linux) while it
-    /// waits for the rest: one stall per message per connection.
+    /// The TCP connection, with Nagle's algorithm off. A message's last segment is
+    /// often small (and lettre, after STARTTLS, writes the final `CRLF.CRLF` on its
+    /// own); with Nagle on, that small last write waits for the ACK of the one
+    /// before, which the server delays (40 ms on Linux) while it waits for the rest:
+    /// one stall per message per connection.
     async fn tcp(&self) -> Result<TcpStream, String> {
         let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await
@@ -272,8 +358,8 @@ impl SmtpPool {
         Err(last)
     }
 
-    fn checkin(&self, conn: AsyncSmtpConnection) {
-        if conn.has_broken() {
+    fn checkin(&self, conn: Connection) {
+        if conn.smtp.has_broken() {
             return;
         }
         if let Ok(mut idle) = self.idle.lock()
@@ -290,7 +376,7 @@ impl SmtpPool {
             Err(_) => Vec::new(),
         };
         for (mut conn, _) in idle {
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.quit()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.smtp.quit()).await;
         }
     }
 }
@@ -338,6 +424,124 @@ impl tokio::io::AsyncWrite for ImplicitTls {
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
     }
+}
+
+/// A connection's stream, shared by lettre (commands and replies) and
+/// [`write_data`] (messages), which take turns. lettre offers no way to write a
+/// message but its own, which first copies it whole into a dot-stuffed buffer.
+#[derive(Debug, Clone)]
+struct Wire(Arc<Mutex<Box<dyn AsyncTokioStream>>>);
+
+impl Wire {
+    /// Runs `f` on the stream. The lock is only ever held for one poll, and lettre
+    /// and `write_data` never poll at the same time: it is never contended.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(Pin<&mut Box<dyn AsyncTokioStream>>) -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match self.0.lock() {
+            Ok(mut stream) => f(Pin::new(&mut *stream)),
+            Err(_) => Poll::Ready(Err(std::io::Error::other(
+                "the connection's lock was poisoned",
+            ))),
+        }
+    }
+}
+
+impl AsyncTokioStream for Wire {
+    fn peer_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self.0.lock() {
+            Ok(stream) => stream.peer_addr(),
+            Err(_) => Err(std::io::Error::other("the connection's lock was poisoned")),
+        }
+    }
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.with(|stream| stream.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.with(|stream| stream.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|stream| stream.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with(|stream| stream.poll_shutdown(cx))
+    }
+}
+
+/// What [`write_data`] hands the connection at once: small pieces (the signature
+/// fields, a stuffed dot, the final dot) gather into one write; larger ones go
+/// straight through.
+const DATA_BUFFER: usize = 64 * 1024;
+
+/// Writes the message (its parts one after the other) as the content of DATA:
+/// each line that starts with "." gets one more in front (RFC 5321 §4.5.2), then
+/// the final "." line. Lines end in CRLF, as lettre's own writer has it: a bare LF
+/// ends none (the queue holds messages with CRLF line endings only).
+async fn write_data<W: AsyncWrite + Unpin>(out: &mut W, message: &[&[u8]]) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(DATA_BUFFER, out);
+    // The last two bytes written, across parts: as after a line at the start.
+    let mut tail = *b"\r\n";
+    for part in message {
+        // A line that starts at the very start of this part, or after a CR that
+        // ended the part before.
+        let first = match (tail, *part) {
+            (_, []) => None,
+            ([b'\r', b'\n'], [b'.', ..]) => Some(0),
+            ([_, b'\r'], [b'\n', b'.', ..]) => Some(1),
+            _ => None,
+        };
+        let dots = first
+            .into_iter()
+            .chain(memchr::memmem::find_iter(part, b"\r\n.").map(|at| at + 2));
+        let mut from = 0;
+        for dot in dots {
+            out.write_all(&part[from..dot]).await?;
+            out.write_all(b".").await?;
+            from = dot;
+        }
+        out.write_all(&part[from..]).await?;
+        tail = match **part {
+            [] => tail,
+            [only] => [tail[1], only],
+            [.., a, b] => [a, b],
+        };
+    }
+    let end: &[u8] = if tail == *b"\r\n" {
+        b".\r\n"
+    } else {
+        b"\r\n.\r\n"
+    };
+    out.write_all(end).await?;
+    out.flush().await
+}
+
+/// The message in pieces for lettre's own writer (after STARTTLS), which copies
+/// each piece it is given (so these are small) and ends with CRLF.CRLF itself (so
+/// the message's final CRLF is left out, or it would gain an empty line).
+fn lettre_chunks<'a>(message: &'a [&'a [u8]]) -> impl Iterator<Item = &'a [u8]> {
+    let last = message.iter().rposition(|part| !part.is_empty());
+    message.iter().enumerate().flat_map(move |(i, part)| {
+        let part = match last {
+            Some(last) if last == i => part.strip_suffix(b"\r\n").unwrap_or(part),
+            _ => part,
+        };
+        part.chunks(DATA_BUFFER)
+    })
 }
 
 /// How long one mail transaction (MAIL, RCPT, DATA and the final reply) may take:
@@ -476,7 +680,7 @@ async fn write_eml(
     dir: &Path,
     sender: &str,
     recipient: &str,
-    message: &[u8],
+    message: &[&[u8]],
 ) -> Result<String, RelayError> {
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -485,7 +689,7 @@ async fn write_eml(
     let name = format!("{millis}-{:016x}.eml", rand::random::<u64>());
     let path = dir.join(&name);
     let temp = dir.join(format!(".{name}.tmp"));
-    let bytes = message.to_vec();
+    let bytes = message.concat();
     let written = path.clone();
     let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
         let mut file = std::fs::File::create(&temp)?;
@@ -518,20 +722,28 @@ async fn write_eml(
 /// A scripted SMTP server for tests: it answers each RCPT by the recipient's local
 /// part (`bad…` 550 5.1.1, `full…` 552 5.2.2, `later…` 451 4.3.0, `quota…` 452 at the
 /// end of DATA, `stall…` never answers, anything else 250) and keeps what it received.
+/// [`start_starttls`] makes one that offers STARTTLS (a self-signed certificate).
 #[cfg(test)]
 pub(crate) mod fake_upstream {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+    use tokio_rustls::rustls::{self, ServerConfig};
 
     #[derive(Debug, Clone, Default)]
     pub struct Received {
         pub sender: String,
         pub recipients: Vec<String>,
         pub data: Vec<u8>,
+        /// Whether it came after STARTTLS.
+        pub encrypted: bool,
     }
+
+    trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+    impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
     pub struct FakeUpstream {
         pub port: u16,
@@ -540,6 +752,23 @@ pub(crate) mod fake_upstream {
     }
 
     pub async fn start() -> FakeUpstream {
+        start_with(None).await
+    }
+
+    pub async fn start_starttls() -> FakeUpstream {
+        let pair = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pair.key_pair.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![pair.cert.der().clone()], key)
+            .unwrap();
+        start_with(Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -549,9 +778,9 @@ pub(crate) mod fake_upstream {
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let store = store.clone();
+                let (store, tls) = (store.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let _ = session(socket, store).await;
+                    let _ = session(Box::new(socket), store, tls).await;
                 });
             }
         });
@@ -562,27 +791,58 @@ pub(crate) mod fake_upstream {
         }
     }
 
+    /// One SMTP session on `socket`, TLS from STARTTLS on if `tls` is given.
     async fn session(
-        socket: tokio::net::TcpStream,
+        mut socket: Box<dyn Stream>,
         store: Arc<Mutex<Vec<Received>>>,
+        tls: Option<TlsAcceptor>,
     ) -> std::io::Result<()> {
-        let (read, mut write) = socket.into_split();
+        let mut encrypted = false;
+        while let Some(plain) = commands(socket, &store, tls.is_some(), encrypted).await? {
+            let Some(acceptor) = &tls else {
+                return Ok(());
+            };
+            socket = Box::new(acceptor.accept(plain).await?);
+            encrypted = true;
+        }
+        Ok(())
+    }
+
+    /// Answers commands until QUIT (None) or STARTTLS (the stream, to encrypt).
+    async fn commands(
+        socket: Box<dyn Stream>,
+        store: &Mutex<Vec<Received>>,
+        offer_tls: bool,
+        encrypted: bool,
+    ) -> std::io::Result<Option<Box<dyn Stream>>> {
+        let (read, mut write) = tokio::io::split(socket);
         let mut read = BufReader::new(read);
-        write.write_all(b"220 fake ESMTP\r\n").await?;
+        if !encrypted {
+            write.write_all(b"220 fake ESMTP\r\n").await?;
+        }
         let mut current = Received::default();
         let mut data_reply = "250 2.0.0 Ok: queued as FAKE";
         let mut line = String::new();
         loop {
             line.clear();
             if read.read_line(&mut line).await? == 0 {
-                return Ok(());
+                return Ok(None);
             }
             let upper = line.to_ascii_uppercase();
             let reply: String = if upper.starts_with("EHLO") {
-                "250-fake\r\n250-8BITMIME\r\n250 SIZE 100000000".into()
+                let starttls = if offer_tls && !encrypted {
+                    "250-STARTTLS\r\n"
+                } else {
+                    ""
+                };
+                format!("250-fake\r\n{starttls}250-8BITMIME\r\n250 SIZE 100000000")
+            } else if upper.starts_with("STARTTLS") && offer_tls && !encrypted {
+                write.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
+                return Ok(Some(Box::new(read.into_inner().unsplit(write))));
             } else if upper.starts_with("MAIL FROM:") {
                 current = Received {
                     sender: line[10..].trim().trim_matches(['<', '>']).to_string(),
+                    encrypted,
                     ..Received::default()
                 };
                 data_reply = "250 2.0.0 Ok: queued as FAKE";
@@ -614,7 +874,7 @@ pub(crate) mod fake_upstream {
                 loop {
                     let mut l = Vec::new();
                     if read.read_until(b'\n', &mut l).await? == 0 {
-                        return Ok(());
+                        return Ok(None);
                     }
                     if l == b".\r\n" {
                         break;
@@ -633,7 +893,7 @@ pub(crate) mod fake_upstream {
                 data_reply.into()
             } else if upper.starts_with("QUIT") {
                 write.write_all(b"221 2.0.0 Bye\r\n").await?;
-                return Ok(());
+                return Ok(None);
             } else {
                 "250 2.0.0 Ok".into()
             };
@@ -724,9 +984,9 @@ mod tests {
         let up = fake_upstream::start().await;
         let relay = Relay::new(&smtp_config(up.port), "gw.example.com").unwrap();
 
-        let ok = relay.send("a@example.com", "b@example.com", MSG).await;
+        let ok = relay.send("a@example.com", "b@example.com", &[MSG]).await;
         assert_eq!(ok, Ok("250 2.0.0 Ok: queued as FAKE".to_string()));
-        let again = relay.send("a@example.com", "b2@example.com", MSG).await;
+        let again = relay.send("a@example.com", "b2@example.com", &[MSG]).await;
         assert!(again.is_ok(), "{again:?}");
         assert_eq!(
             up.connections.load(std::sync::atomic::Ordering::SeqCst),
@@ -740,7 +1000,7 @@ mod tests {
             assert_eq!(got[0].data, MSG);
         }
 
-        let bad = relay.send("a@example.com", "bad@example.com", MSG).await;
+        let bad = relay.send("a@example.com", "bad@example.com", &[MSG]).await;
         assert_eq!(
             bad,
             Err(RelayError::Permanent {
@@ -749,12 +1009,12 @@ mod tests {
                     .into()
             })
         );
-        let later = relay.send("", "later@example.com", MSG).await;
+        let later = relay.send("", "later@example.com", &[MSG]).await;
         assert_eq!(
             later,
             Err(RelayError::Transient("451 4.3.0 Try again later".into()))
         );
-        let quota = relay.send("", "quota@example.com", MSG).await;
+        let quota = relay.send("", "quota@example.com", &[MSG]).await;
         assert_eq!(
             quota,
             Err(RelayError::Transient(
@@ -762,7 +1022,7 @@ mod tests {
             ))
         );
         // The pool still works after failures.
-        let ok = relay.send("", "c@example.com", MSG).await;
+        let ok = relay.send("", "c@example.com", &[MSG]).await;
         assert!(ok.is_ok(), "{ok:?}");
         assert_eq!(up.received.lock().unwrap().last().unwrap().sender, "");
     }
@@ -776,14 +1036,17 @@ mod tests {
         )
         .unwrap();
         let started = std::time::Instant::now();
-        match relay.send("a@example.com", "stall@example.com", MSG).await {
+        match relay
+            .send("a@example.com", "stall@example.com", &[MSG])
+            .await
+        {
             Err(RelayError::Transient(text)) => {
                 assert!(text.contains("no answer within"), "{text}")
             }
             other => panic!("expected transient, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(3));
-        let ok = relay.send("a@example.com", "b@example.com", MSG).await;
+        let ok = relay.send("a@example.com", "b@example.com", &[MSG]).await;
         assert!(ok.is_ok(), "{ok:?}");
 
         // A server that accepts and never greets.
@@ -800,7 +1063,7 @@ mod tests {
             "gw",
         )
         .unwrap();
-        match relay.send("a@example.com", "b@example.com", MSG).await {
+        match relay.send("a@example.com", "b@example.com", &[MSG]).await {
             Err(RelayError::Transient(text)) => {
                 assert!(text.contains("while connecting"), "{text}")
             }
@@ -840,7 +1103,7 @@ mod tests {
     async fn a_refused_session_is_transient_even_with_a_5xx() {
         let port = scripted("554 5.7.1 No service for you\r\n", "", "").await;
         let relay = Relay::new(&smtp_config(port), "gw").unwrap();
-        match relay.send("a@example.com", "b@example.com", MSG).await {
+        match relay.send("a@example.com", "b@example.com", &[MSG]).await {
             Err(RelayError::Transient(text)) => {
                 assert!(text.starts_with("upstream 127.0.0.1:"), "{text}");
                 assert!(text.contains("554 5.7.1 No service for you"), "{text}");
@@ -860,7 +1123,7 @@ mod tests {
         up.username = Some("u".into());
         up.password = Some("p".into());
         let relay = Relay::new(&UpstreamConfig::Smtp(up), "gw").unwrap();
-        match relay.send("a@example.com", "b@example.com", MSG).await {
+        match relay.send("a@example.com", "b@example.com", &[MSG]).await {
             Err(RelayError::Transient(text)) => {
                 assert!(text.contains("535 5.7.8"), "{text}");
             }
@@ -876,19 +1139,189 @@ mod tests {
             l.local_addr().unwrap().port()
         };
         let relay = Relay::new(&smtp_config(port), "gw.example.com").unwrap();
-        match relay.send("a@example.com", "b@example.com", MSG).await {
+        match relay.send("a@example.com", "b@example.com", &[MSG]).await {
             Err(RelayError::Transient(text)) => {
                 assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}")
             }
             other => panic!("expected transient, got {other:?}"),
         }
-        match relay.send("a@example.com", "not an address", MSG).await {
+        match relay.send("a@example.com", "not an address", &[MSG]).await {
             Err(RelayError::Permanent {
                 enhanced: Some([5, 1, 3]),
                 ..
             }) => {}
             other => panic!("expected permanent, got {other:?}"),
         }
+    }
+
+    /// What lettre's own writer put on the wire for `message`, byte by byte as its
+    /// ClientCodec does (after the final CRLF was cut, as it had to be).
+    fn as_lettre_wrote(message: &[u8]) -> Vec<u8> {
+        let data = message.strip_suffix(b"\r\n").unwrap_or(message);
+        let mut out = Vec::new();
+        let (mut line_start, mut after_cr) = (true, false);
+        for &b in data {
+            if b == b'.' && line_start {
+                out.push(b'.');
+            }
+            out.push(b);
+            line_start = after_cr && b == b'\n';
+            after_cr = b == b'\r';
+        }
+        out.extend_from_slice(b"\r\n.\r\n");
+        out
+    }
+
+    async fn written(parts: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_data(&mut out, parts).await.unwrap();
+        out
+    }
+
+    /// A message of `size` bytes whose lines around `at` all start with a dot, one
+    /// of them exactly at `at`.
+    fn dotted_around(at: usize, size: usize) -> Vec<u8> {
+        let mut message = b"Subject: dots\r\n\r\n".to_vec();
+        while message.len() < at - 40 {
+            message.extend_from_slice(b"filler line\r\n");
+        }
+        let pad = at - message.len() - 2;
+        message.extend_from_slice(&vec![b'x'; pad]);
+        message.extend_from_slice(b"\r\n");
+        assert_eq!(message.len(), at);
+        for line in [&b".\r\n"[..], b"..\r\n", b".x\r\n", b"\r\n", b". .\r\n"] {
+            message.extend_from_slice(line);
+        }
+        while message.len() < size {
+            message.extend_from_slice(b"more text, and a dot. in the middle\r\n");
+        }
+        message
+    }
+
+    #[tokio::test]
+    async fn data_is_dot_stuffed_as_lettre_did_wherever_the_parts_meet() {
+        let messages: [&[u8]; 6] = [
+            b".starts with a dot\r\nline\r\n.\r\n..\r\nend\r\n",
+            b"From: a@b\r\n\r\nno final CRLF\r\n.dot",
+            b"ends with a CR\r",
+            b"\r\n.\r\n",
+            b"bare\n.LF and\r.CR are no line ends\r\r\n.but this is\r\n",
+            b".",
+        ];
+        for message in messages {
+            let expected = as_lettre_wrote(message);
+            assert_eq!(written(&[message]).await, expected, "{message:?}");
+            for i in 0..=message.len() {
+                let (a, b) = message.split_at(i);
+                assert_eq!(written(&[a, b]).await, expected, "{a:?} | {b:?}");
+                assert_eq!(written(&[a, b"", b, b""]).await, expected, "{a:?} || {b:?}");
+            }
+        }
+        // Past the write buffer, a dot line right at its end, the parts meeting there.
+        for at in [
+            DATA_BUFFER - 1,
+            DATA_BUFFER,
+            DATA_BUFFER + 1,
+            DATA_BUFFER + 2,
+        ] {
+            let message = dotted_around(at, 3 * DATA_BUFFER);
+            let expected = as_lettre_wrote(&message);
+            for cut in at - 2..at + 3 {
+                let (a, b) = message.split_at(cut);
+                assert!(
+                    written(&[a, b]).await == expected,
+                    "dot line at {at}, cut at {cut}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn lettre_gets_small_pieces_without_the_final_crlf() {
+        let big = dotted_around(DATA_BUFFER + 10, 3 * DATA_BUFFER);
+        let cases: [(&[&[u8]], &[u8]); 4] = [
+            (&[b"Sig: 1\r\n", b"body\r\n"], b"Sig: 1\r\nbody"),
+            (&[b"Sig: 1\r\n", b"no CRLF"], b"Sig: 1\r\nno CRLF"),
+            (&[b"body\r\n", b""], b"body"),
+            (&[b"", &big], &big[..big.len() - 2]),
+        ];
+        for (parts, expected) in cases {
+            let chunks: Vec<&[u8]> = lettre_chunks(parts).collect();
+            assert!(chunks.iter().all(|c| c.len() <= DATA_BUFFER));
+            assert!(chunks.concat() == expected, "{parts:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_in_parts_arrive_whole_and_unstuffed() {
+        let up = fake_upstream::start().await;
+        let relay = Relay::new(&smtp_config(up.port), "gw").unwrap();
+        let big = dotted_around(DATA_BUFFER, 2 * DATA_BUFFER + 100);
+        let cases: [(&[&[u8]], &[u8]); 4] = [
+            (
+                &[b"DKIM-Signature: x\r\n", MSG],
+                &[b"DKIM-Signature: x\r\n", MSG].concat(),
+            ),
+            (&[b"", b".first\r\n.\r\n"], b".first\r\n.\r\n"),
+            (
+                &[b"X: 1\r\n", b"\r\nno final CRLF"],
+                b"X: 1\r\n\r\nno final CRLF\r\n",
+            ),
+            (&[&big[..DATA_BUFFER], &big[DATA_BUFFER..]], &big),
+        ];
+        for (i, (parts, expected)) in cases.into_iter().enumerate() {
+            let sent = relay.send("a@example.com", "b@example.com", parts).await;
+            assert!(sent.is_ok(), "{sent:?}");
+            let got = up.received.lock().unwrap()[i].data.clone();
+            assert!(
+                got == expected,
+                "case {i}: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+        }
+        assert_eq!(
+            up.connections.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one connection for all: each transaction ended cleanly"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_starttls_lettre_writes_the_message_and_it_arrives_whole() {
+        let up = fake_upstream::start_starttls().await;
+        let UpstreamConfig::Smtp(mut config) = smtp_config(up.port) else {
+            unreachable!()
+        };
+        config.tls = UpstreamTls::Starttls;
+        config.accept_invalid_certs = true;
+        let relay = Relay::new(&UpstreamConfig::Smtp(config), "gw").unwrap();
+        let big = dotted_around(DATA_BUFFER, 2 * DATA_BUFFER + 100);
+        let cases: [(&[&[u8]], &[u8]); 3] = [
+            (&[b"Sig: 1\r\n", MSG], &[b"Sig: 1\r\n", MSG].concat()),
+            (
+                &[b"X: 1\r\n", b"\r\nno final CRLF"],
+                b"X: 1\r\n\r\nno final CRLF\r\n",
+            ),
+            (&[b"", &big], &big),
+        ];
+        for (i, (parts, expected)) in cases.into_iter().enumerate() {
+            let sent = relay.send("a@example.com", "b@example.com", parts).await;
+            assert!(sent.is_ok(), "{sent:?}");
+            let got = up.received.lock().unwrap()[i].clone();
+            assert!(got.encrypted);
+            assert!(
+                got.data == expected,
+                "case {i}: {:?}",
+                String::from_utf8_lossy(&got.data)
+            );
+        }
+        let refused = relay.send("a@example.com", "bad@example.com", &[MSG]).await;
+        assert!(
+            matches!(refused, Err(RelayError::Permanent { .. })),
+            "{refused:?}"
+        );
+        let ok = relay.send("a@example.com", "c@example.com", &[MSG]).await;
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[tokio::test]
@@ -902,7 +1335,7 @@ mod tests {
             "gw",
         )
         .unwrap();
-        let reply = relay.send("", "b@example.com", MSG).await.unwrap();
+        let reply = relay.send("", "b@example.com", &[MSG]).await.unwrap();
         let files: Vec<_> = std::fs::read_dir(&outbox)
             .unwrap()
             .map(|e| e.unwrap().path())

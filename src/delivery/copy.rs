@@ -35,8 +35,18 @@ pub enum Template {
 
 /// A finished copy, and what the rewrite did worth keeping in the delivery event.
 pub struct Copy {
-    pub bytes: Vec<u8>,
+    /// The DKIM-Signature fields, which go first. Kept apart from the message: joining
+    /// them would copy the whole message once more, per recipient.
+    signature: Vec<u8>,
+    message: Vec<u8>,
     pub notes: String,
+}
+
+impl Copy {
+    /// The copy as the upstream gets it: these parts, one after the other.
+    pub fn parts(&self) -> [&[u8]; 2] {
+        [&self.signature, &self.message]
+    }
 }
 
 pub struct CopyMaker {
@@ -136,7 +146,8 @@ impl CopyMaker {
             }
         };
         Ok(Copy {
-            bytes: self.dkim.sign(&unsigned)?,
+            signature: self.dkim.signature_fields(&unsigned)?,
+            message: unsigned,
             notes,
         })
     }

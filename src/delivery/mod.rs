@@ -766,7 +766,7 @@ async fn attempt(
     };
     drop((core, ticket));
     let result = relay
-        .send(&message.sender, &delivery.recipient, &copy.bytes)
+        .send(&message.sender, &delivery.recipient, &copy.parts())
         .await;
     Attempted {
         delivery,
