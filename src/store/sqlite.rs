@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::{
-    Connection, OpenFlags, OptionalExtension, Params, Row, Transaction, TransactionBehavior, params,
+    Connection, DatabaseName, OpenFlags, OptionalExtension, Params, Row, Transaction,
+    TransactionBehavior, params,
 };
 
 use ring::hmac;
@@ -151,6 +152,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The writer's page cache, in KiB (SQLite reads a negative `cache_size` as KiB).
 const WRITER_CACHE_KIB: i64 = -65_536;
+/// Message bytes in one enqueue beyond which the writer's cache is emptied after it.
+const LARGE_BATCH_BYTES: usize = 8 << 20;
 
 /// Readers kept open between calls; more are opened under a burst and closed after.
 const MAX_IDLE_READERS: usize = 4;
@@ -766,14 +769,16 @@ impl Store for SqliteStore {
                     .collect()
             })
             .collect();
-        self.write(|tx| {
+        let written = self.write(|tx| {
             let mut decision = tx.prepare_cached(
                 "INSERT INTO events (at, kind, message_id, address, purpose, detail, origin)
                  VALUES (?1, 'decision', ?2, ?3, ?4, ?5, ?6)",
             )?;
+            // The body is written into its row in place (below): bound as a value,
+            // SQLite would copy it whole, and again into the row's record.
             let mut message = tx.prepare_cached(
                 "INSERT INTO messages (id, sender, purpose, received_at, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                 VALUES (?1, ?2, ?3, ?4, zeroblob(?5))",
             )?;
             // Everyone mailed becomes a contact, so their copy's token can name them.
             let mut contact = tx.prepare_cached(
@@ -802,13 +807,17 @@ impl Store for SqliteStore {
                     ])?;
                 }
                 if new.recipients.iter().any(|r| r.allowed) {
-                    message.execute(params![
-                        m.id,
-                        m.sender,
-                        m.purpose,
-                        m.received_at,
-                        m.body.as_slice()
-                    ])?;
+                    let size = i64::try_from(m.body.len())
+                        .map_err(|_| StoreError::Internal("message too large".into()))?;
+                    message.execute(params![m.id, m.sender, m.purpose, m.received_at, size])?;
+                    tx.blob_open(
+                        DatabaseName::Main,
+                        "messages",
+                        "body",
+                        tx.last_insert_rowid(),
+                        false,
+                    )?
+                    .write_at(&m.body, 0)?;
                     for r in new.recipients.iter().filter(|r| r.allowed) {
                         contact.execute(params![r.address.as_str(), m.received_at])?;
                         delivery.execute(params![m.id, r.address.as_str(), m.received_at])?;
@@ -816,7 +825,15 @@ impl Store for SqliteStore {
                 }
             }
             Ok(())
-        })
+        });
+        // The writer's cache is large for imports; after a large message, its pages
+        // would stay in memory beside the queued body for as long as it is delivered.
+        if batch.iter().map(|m| m.message.body.len()).sum::<usize>() > LARGE_BATCH_BYTES
+            && let Ok(conn) = self.writer.lock()
+        {
+            let _ = conn.execute_batch("PRAGMA shrink_memory");
+        }
+        written
     }
 
     fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StoreError> {
