@@ -16,7 +16,7 @@ pub mod schedule;
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{OnceCell, Semaphore, mpsc};
@@ -138,8 +138,10 @@ impl Ord for Timer {
 /// A message body shared by its recipients: filled by the first attempt that needs
 /// it (or by the spool, for a message just committed).
 type Body = Arc<OnceCell<Arc<QueuedMessage>>>;
-/// What the rewrite prepares once per message, shared like the body.
-type SharedTemplate = Arc<OnceCell<Arc<Template>>>;
+/// What the rewrite prepares once per message, shared like the body: the first
+/// attempt prepares it on the blocking pool, just before making its own copy there;
+/// attempts of the same message made meanwhile wait for it.
+type SharedTemplate = Arc<OnceLock<Template>>;
 
 /// A message with recipients due or in flight.
 struct Slot {
@@ -158,7 +160,7 @@ impl Slot {
     fn new(body: Body, budget_bytes: usize) -> Slot {
         Slot {
             body,
-            template: Arc::new(OnceCell::new()),
+            template: Arc::new(OnceLock::new()),
             users: 0,
             budget_bytes,
             failures: Vec::new(),
@@ -744,21 +746,12 @@ async fn attempt(
     let Ok(core) = cpu.acquire().await else {
         return unavailable(delivery, "the copy makers are closed".into());
     };
-    let prepared =
-        template
-            .get_or_try_init(|| {
-                let (copies, message) = (copies.clone(), message.clone());
-                async move {
-                    tokio::task::spawn_blocking(move || Arc::new(copies.template(&message))).await
-                }
-            })
-            .await;
-    let template = match prepared {
-        Ok(t) => t.clone(),
-        Err(e) => return unavailable(delivery, format!("preparing the copy panicked: {e}")),
-    };
     let (m, recipient) = (message.clone(), delivery.recipient.clone());
-    let made = tokio::task::spawn_blocking(move || copies.make(&template, &m, &recipient)).await;
+    let made = tokio::task::spawn_blocking(move || {
+        let template = template.get_or_init(|| copies.template(&m));
+        copies.make(template, &m, &recipient)
+    })
+    .await;
     let copy = match made {
         Ok(Ok(copy)) => copy,
         Ok(Err(e)) => return unavailable(delivery, e.to_string()),
