@@ -221,7 +221,11 @@ class Probes:
 
     def one(self, pid):
         try:
+            tc = time.time_ns()
             with smtplib.SMTP(self.host, self.port, timeout=120) as s:
+                # The greeting is in: a relay that holds new sessions back while it is
+                # busy (optgate's backpressure) makes them wait here, before MAIL.
+                tg = time.time_ns()
                 s.ehlo("probe.example")
                 t0 = time.time_ns()
                 code, resp = s.mail(f"probe-{pid}@example.com")
@@ -236,7 +240,7 @@ class Probes:
                 if code != 250:
                     raise RuntimeError(f"DATA: {code} {resp!r}")
                 with self.lock:
-                    self.sent[pid] = (t0, t1)
+                    self.sent[pid] = (t0, t1, tc, tg)
         except Exception as e:  # noqa: BLE001 - a failed probe is reported, not fatal
             with self.lock:
                 self.errors.append(f"{pid}: {e}")
@@ -375,14 +379,17 @@ def main():
         if wall > 0 else None,
     }
     # Latency per probe: the last copy's arrival at the sink minus its MAIL FROM.
-    lat, missing = [], 0
-    for pid, (t0, _t1) in probes.sent.items():
+    # Also counted from the connection, greeting wait included.
+    lat, from_connect, missing = [], [], 0
+    for pid, (t0, _t1, tc, _tg) in probes.sent.items():
         arrivals = [t for t in events.probes.get(pid, []) if t >= t0]
         if len(arrivals) < per_msg:
             missing += 1
             continue
         lat.append((max(arrivals) - t0) / 1e6)
-    accept = [(t1 - t0) / 1e6 for t0, t1 in probes.sent.values()]
+        from_connect.append((max(arrivals) - tc) / 1e6)
+    accept = [(t1 - t0) / 1e6 for t0, t1, _tc, _tg in probes.sent.values()]
+    greeting = [(tg - tc) / 1e6 for _t0, _t1, tc, tg in probes.sent.values()]
     result["probes"] = {
         "sent": len(probes.sent),
         "measured": len(lat),
@@ -399,6 +406,11 @@ def main():
         "max": max(lat) if lat else None,
     }
     result["accept_latency_ms"] = {"p50": percentile(accept, 50), "p99": percentile(accept, 99)}
+    result["greeting_wait_ms"] = {"p50": percentile(greeting, 50), "p99": percentile(greeting, 99)}
+    result["latency_from_connect_ms"] = {
+        "p50": percentile(from_connect, 50),
+        "p99": percentile(from_connect, 99),
+    }
     cores = {n: (cpu1[n] - cpu0[n]) / wall for n in groups} if wall > 0 else {}
     cores["client"] = ((kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)) / wall
     cores["probes+bench"] = ((self1.ru_utime + self1.ru_stime)

@@ -99,6 +99,13 @@ def main():
             p(f"  optgate accept latency of the probes (MAIL FROM to 250 after DATA): "
               f"p50 {num(og['accept_latency_ms']['p50'], '{:.1f}')} ms, "
               f"p99 {num(og['accept_latency_ms']['p99'], '{:.1f}')} ms")
+        for s in ("postfix", "optgate"):
+            r = cases.get((s, rc))
+            if r and r.get("greeting_wait_ms"):
+                g, c = r["greeting_wait_ms"], r["latency_from_connect_ms"]
+                p(f"  {s}: probes' wait for the 220 greeting p50 {num(g['p50'], '{:.1f}')} ms, "
+                  f"p99 {num(g['p99'], '{:.1f}')} ms; latency counted from the connection "
+                  f"p50 {num(c['p50'], '{:.1f}')} ms, p99 {num(c['p99'], '{:.1f}')} ms")
         p("")
 
     p("== against the targets of issue 5 (ratios within this run) ==")
