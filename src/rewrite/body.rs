@@ -5,6 +5,7 @@ use std::ops::Range;
 
 use mail_parser::decoders::charsets::map::charset_decoder;
 use mail_parser::{Encoding, Message, MessagePart, MimeHeaders, PartType};
+use memchr::memmem;
 
 use super::BodyLink;
 use super::footer::{Compiled, Piece};
@@ -113,14 +114,16 @@ pub(super) fn analyse(message: &Message<'_>) -> (BodyLink, Vec<(usize, Kind, Vec
         let (Some(kind), Some(text)) = (text_kind(part), decoded(part)) else {
             continue;
         };
-        let mut hits: Vec<(usize, Chunk, usize)> = text
-            .match_indices(UNSUBSCRIBE_PLACEHOLDER)
-            .map(|(at, p)| (at, Chunk::Unsubscribe, p.len()))
-            .chain(
-                text.match_indices(PREFERENCES_PLACEHOLDER)
-                    .map(|(at, p)| (at, Chunk::Preferences, p.len())),
-            )
-            .collect();
+        // Each placeholder's matches do not overlap one another, as with
+        // `str::match_indices`; SIMD search, as every message's text is searched.
+        let find = |placeholder: &'static str, chunk: Chunk| {
+            memmem::find_iter(text.as_bytes(), placeholder.as_bytes())
+                .map(move |at| (at, chunk.clone(), placeholder.len()))
+        };
+        let mut hits: Vec<(usize, Chunk, usize)> =
+            find(UNSUBSCRIBE_PLACEHOLDER, Chunk::Unsubscribe)
+                .chain(find(PREFERENCES_PLACEHOLDER, Chunk::Preferences))
+                .collect();
         if hits.is_empty() {
             continue;
         }
@@ -238,9 +241,9 @@ fn seps(lead: &'static str, trail: &'static str) -> Vec<Chunk> {
 /// The position of the last `</body>` tag, matched case-insensitively.
 fn last_body_close(d: &[u8]) -> Option<usize> {
     const TAG: &[u8] = b"</body";
-    (0..d.len().saturating_sub(TAG.len() - 1)).rev().find(|&i| {
-        d[i] == b'<'
-            && d[i..i + TAG.len()].eq_ignore_ascii_case(TAG)
+    memchr::memrchr_iter(b'<', d).find(|&i| {
+        d.get(i..i + TAG.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(TAG))
             && d.get(i + TAG.len())
                 .is_none_or(|&b| b == b'>' || b.is_ascii_whitespace())
     })
@@ -263,8 +266,9 @@ fn is_signed(message: &Message<'_>) -> bool {
         });
         let inline_pgp = text_kind(p).is_some()
             && decoded(p).is_some_and(|t| {
-                t.contains("-----BEGIN PGP SIGNED MESSAGE-----")
-                    || t.contains("-----BEGIN PGP MESSAGE-----")
+                let t = t.as_bytes();
+                memmem::find(t, b"-----BEGIN PGP SIGNED MESSAGE-----").is_some()
+                    || memmem::find(t, b"-----BEGIN PGP MESSAGE-----").is_some()
             });
         by_type || inline_pgp
     })
