@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{
@@ -194,6 +194,9 @@ pub struct SqliteStore {
     // last, can checkpoint and remove the WAL file.
     readers: Mutex<Vec<Connection>>,
     writer: Mutex<Connection>,
+    /// Commits are fsync'd (`storage.fsync`), but for delivery outcomes: see
+    /// [`SqliteStore::record_outcomes`].
+    fsync: bool,
 }
 
 impl SqliteStore {
@@ -232,19 +235,49 @@ impl SqliteStore {
             erasure_key,
             readers: Mutex::new(Vec::new()),
             writer: Mutex::new(writer),
+            fsync,
         })
     }
 
     /// Runs `f` in one IMMEDIATE transaction: taking the write lock up front means a
     /// second process makes us wait (busy timeout) instead of failing mid-transaction.
+    /// The writer connection, set to sync its next commit or not (when
+    /// `storage.fsync` is on): every user says, so that a commit left unsynced never
+    /// leaves the next one so.
+    fn writer(&self, synced: bool) -> Result<MutexGuard<'_, Connection>, StoreError> {
+        let conn = self
+            .writer
+            .lock()
+            .map_err(|_| poisoned("writer connection"))?;
+        if self.fsync {
+            conn.pragma_update(None, "synchronous", if synced { "FULL" } else { "NORMAL" })?;
+        }
+        Ok(conn)
+    }
+
     fn write<T>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self
-            .writer
-            .lock()
-            .map_err(|_| poisoned("writer connection"))?;
+        self.write_as(true, f)
+    }
+
+    /// [`Self::write`] without the fsync at commit: the transaction reaches the disk
+    /// with the next fsync'd commit or checkpoint. An application crash loses nothing
+    /// (the log is in the OS's cache); a power cut may lose it.
+    fn write_unsynced<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write_as(false, f)
+    }
+
+    fn write_as<T>(
+        &self,
+        synced: bool,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer(synced)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let out = f(&tx)?;
         tx.commit()?;
@@ -885,7 +918,11 @@ impl Store for SqliteStore {
             .iter()
             .map(|o| self.erasure_hash(&o.recipient))
             .collect();
-        self.write(|tx| {
+        // Not fsync'd: a result lost to a power cut leaves its delivery pending, and
+        // it is tried again (a copy may arrive twice), which is what any MTA does
+        // (Postfix does not fsync a delivered message's removal either). What must
+        // not be lost, the messages accepted with a 250, is always fsync'd.
+        self.write_unsynced(|tx| {
             let mut finish = tx.prepare_cached(
                 "DELETE FROM deliveries WHERE message_id = ?1 AND recipient = ?2",
             )?;
@@ -1262,10 +1299,7 @@ impl Store for SqliteStore {
     fn forget(&self, address: &Address, at: i64) -> Result<bool, StoreError> {
         let addr = address.as_str();
         let hash = self.erasure_hash(addr);
-        let mut conn = self
-            .writer
-            .lock()
-            .map_err(|_| poisoned("writer connection"))?;
+        let mut conn = self.writer(true)?;
         // The writer overwrites deleted rows (secure_delete, set at open).
         let held = forget_in(&mut conn, addr, hash.as_ref(), at)?;
         // Best effort: move the overwritten pages from the log into the file and empty
@@ -1341,6 +1375,30 @@ mod tests {
 
     fn open(dir: &tempfile::TempDir) -> SqliteStore {
         SqliteStore::open(&dir.path().join("optgate.db"), true).unwrap()
+    }
+
+    #[test]
+    fn only_delivery_outcomes_are_committed_without_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let synchronous = |tx: &Transaction<'_>| -> Result<i64, StoreError> {
+            Ok(tx.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+        };
+        const NORMAL: i64 = 1;
+        const FULL: i64 = 2;
+        assert_eq!(store.write_unsynced(synchronous).unwrap(), NORMAL);
+        // The next commit is synced again, whoever makes it.
+        assert_eq!(store.write(synchronous).unwrap(), FULL);
+        assert_eq!(store.write_unsynced(synchronous).unwrap(), NORMAL);
+        let forgetting = store.writer(true).unwrap();
+        let mode: i64 = forgetting
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, FULL);
+        drop(forgetting);
+        // Without storage.fsync, nothing is synced.
+        let relaxed = SqliteStore::open(&dir.path().join("relaxed.db"), false).unwrap();
+        assert_eq!(relaxed.write(synchronous).unwrap(), NORMAL);
     }
 
     fn record(
