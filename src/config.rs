@@ -459,7 +459,7 @@ impl Default for RawQueue {
             retry_schedule: ["1m", "5m", "15m", "1h", "4h"].map(String::from).to_vec(),
             max_age: "5d".into(),
             concurrency: 64,
-            backpressure_copies: 32,
+            backpressure_copies: 16,
             backpressure_max_wait: "20s".into(),
         }
     }
