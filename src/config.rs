@@ -139,8 +139,8 @@ pub struct QueueConfig {
     pub max_age: Duration,
     /// Deliveries in flight at once.
     pub concurrency: usize,
-    /// New SMTP sessions wait for their greeting while more copies than this wait to
-    /// be made (0: never).
+    /// New SMTP sessions wait for their greeting while this many copies wait to be
+    /// made, counting those expected from the sessions let in (0: never).
     pub backpressure_copies: usize,
     /// The longest such a wait lasts; the session is then served anyway.
     pub backpressure_max_wait: Duration,

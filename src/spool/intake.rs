@@ -1,5 +1,6 @@
 //! Backpressure: intake keeps pace with delivery. A new SMTP session waits for its
-//! greeting while more copies wait to be made than `queue.backpressure_copies`.
+//! greeting while `queue.backpressure_copies` copies or more are waiting to be made
+//! or expected from the sessions already let in.
 //!
 //! Without it a fast mailer queues messages far faster than their copies can be
 //! signed (each copy costs an RSA signature), and every message then waits behind the
@@ -23,7 +24,7 @@ const EWMA_WEIGHT: f64 = 0.2;
 const GREETING_HOLD: Duration = Duration::from_secs(2);
 
 pub struct Intake {
-    /// Copies waiting to be made beyond which sessions wait; 0 never waits.
+    /// Copies waiting to be made (or expected) at which sessions wait; 0 never waits.
     limit: usize,
     /// A session waits at most this long, then is served anyway: slowness is the
     /// signal, mail is never refused for it.
@@ -111,10 +112,10 @@ impl Intake {
             let next_expiry = {
                 let mut s = self.state();
                 let next_expiry = s.expire(now);
-                let load = s.pending + s.reserved;
-                let expected = s.expected();
-                // A message larger than the limit still gets in once the way is clear.
-                if load == 0 || load + expected <= self.limit || now >= deadline {
+                // Room left lets the next session in, whatever its message brings:
+                // requiring room for all its copies would let delivery run dry while
+                // a large message waits for the backlog to empty.
+                if s.pending + s.reserved < self.limit || now >= deadline {
                     if now >= deadline {
                         tracing::debug!(wait = ?self.max_wait, "delivery is behind; a session waited its longest and is let in");
                     }
@@ -271,7 +272,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(rx.try_recv().is_err(), "let in with a full backlog");
 
-        // One copy made: room for one expected copy, so exactly one session enters.
+        // One copy made: room for one more, so exactly one session enters.
         drop(tickets.pop());
         let (first, mut admission) = rx.recv().await.unwrap();
         assert_eq!(first, 0);
@@ -323,7 +324,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_message_larger_than_the_limit_enters_once_the_way_is_clear() {
+    async fn a_message_larger_than_the_limit_enters_while_there_is_room() {
         let intake = Intake::new(4, Duration::from_secs(60));
         intake.queued(10);
         let started = Instant::now();
