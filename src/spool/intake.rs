@@ -43,6 +43,8 @@ struct State {
     reserved: usize,
     /// Recipients per queued message, averaged (0 until the first).
     per_message: f64,
+    /// Sessions waiting for room.
+    waiting: usize,
     /// Room held by sessions let in at their greeting and not yet at MAIL, by id:
     /// until when, and how many copies.
     greeted: BTreeMap<u64, (Instant, usize)>,
@@ -103,6 +105,7 @@ impl Intake {
             return self.unreserved();
         }
         let deadline = Instant::now() + self.max_wait;
+        let _waiting = Waiting::new(self);
         let _turn = self.turn.lock().await;
         loop {
             let changed = self.changed.notified();
@@ -173,10 +176,14 @@ impl Intake {
         }
     }
 
-    /// Copies due or being made, and those the admitted sessions are expected to add.
-    pub fn backlog(&self) -> (usize, usize) {
+    /// What `/metrics` shows of it.
+    pub fn backlog(&self) -> Backlog {
         let s = self.state();
-        (s.pending, s.reserved)
+        Backlog {
+            pending: s.pending,
+            reserved: s.reserved,
+            waiting: s.waiting,
+        }
     }
 
     fn release(&self, pending: usize, reserved: usize) {
@@ -186,6 +193,34 @@ impl Intake {
             s.reserved = s.reserved.saturating_sub(reserved);
         }
         self.changed.notify_waiters();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Copies due or being made.
+    pub pending: usize,
+    /// Copies the sessions let in are expected to queue.
+    pub reserved: usize,
+    /// Sessions waiting for room.
+    pub waiting: usize,
+}
+
+/// Counts a session among those waiting for as long as it waits, however the wait
+/// ends (let in, or given up at shutdown).
+struct Waiting<'a>(&'a Intake);
+
+impl<'a> Waiting<'a> {
+    fn new(intake: &'a Intake) -> Waiting<'a> {
+        intake.state().waiting += 1;
+        Waiting(intake)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state();
+        s.waiting = s.waiting.saturating_sub(1);
     }
 }
 
@@ -255,6 +290,11 @@ impl Drop for Ticket {
 mod tests {
     use super::*;
 
+    fn counts(intake: &Intake) -> (usize, usize) {
+        let b = intake.backlog();
+        (b.pending, b.reserved)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn sessions_wait_while_delivery_is_behind_and_enter_in_order() {
         let intake = Intake::new(4, Duration::from_secs(60));
@@ -271,18 +311,20 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(rx.try_recv().is_err(), "let in with a full backlog");
+        assert_eq!(intake.backlog().waiting, 2);
 
         // One copy made: room for one more, so exactly one session enters.
         drop(tickets.pop());
         let (first, mut admission) = rx.recv().await.unwrap();
         assert_eq!(first, 0);
+        assert_eq!(intake.backlog().waiting, 1);
         admission.begin();
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(
             rx.try_recv().is_err(),
             "the second came in before room was made"
         );
-        assert_eq!(intake.backlog(), (3, 1));
+        assert_eq!(counts(&intake), (3, 1));
 
         // Its message queued (delivery counts its copy, the session lets go of its
         // room): still full; then a copy made lets the second in.
@@ -300,17 +342,17 @@ mod tests {
         let intake = Intake::new(2, Duration::from_secs(60));
         let _ticket = intake.due();
         let mut idle = intake.admit().await;
-        assert_eq!(intake.backlog(), (1, 1));
+        assert_eq!(counts(&intake), (1, 1));
         let started = Instant::now();
         let next = intake.admit().await;
         assert_eq!(started.elapsed(), GREETING_HOLD);
-        assert_eq!(intake.backlog(), (1, 1));
+        assert_eq!(counts(&intake), (1, 1));
         // Its MAIL, late: the room is taken again; dropping it gives it back once.
         idle.begin();
-        assert_eq!(intake.backlog(), (1, 2));
+        assert_eq!(counts(&intake), (1, 2));
         drop(idle);
         drop(next);
-        assert_eq!(intake.backlog(), (1, 0));
+        assert_eq!(counts(&intake), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -320,7 +362,7 @@ mod tests {
         let started = Instant::now();
         let _admission = intake.admit().await;
         assert_eq!(started.elapsed(), Duration::from_secs(20));
-        assert_eq!(intake.backlog(), (1, 1));
+        assert_eq!(counts(&intake), (1, 1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -331,7 +373,7 @@ mod tests {
         let mut admission = intake.admit().await;
         admission.begin();
         assert_eq!(started.elapsed(), Duration::ZERO);
-        assert_eq!(intake.backlog(), (0, 10));
+        assert_eq!(counts(&intake), (0, 10));
         let next = tokio::spawn({
             let intake = intake.clone();
             async move { intake.admit().await }
@@ -348,6 +390,6 @@ mod tests {
         let _tickets: Vec<Ticket> = (0..100).map(|_| intake.due()).collect();
         let mut admission = intake.admit().await;
         admission.begin();
-        assert_eq!(intake.backlog(), (100, 0));
+        assert_eq!(counts(&intake), (100, 0));
     }
 }

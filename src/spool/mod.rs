@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::store::{NewMessage, QueuedMessage, Store, StoreError};
-pub use intake::{Admission, Intake, Ticket};
+pub use intake::{Admission, Backlog, Intake, Ticket};
 
 /// Largest group committed in one transaction.
 const MAX_BATCH: usize = 512;

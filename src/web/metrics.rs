@@ -1,8 +1,11 @@
 //! Counters of what the web side did, in the Prometheus text format at `/metrics`, so
-//! an operator can alert on forged-link storms or a sudden wave of unsubscribes.
+//! an operator can alert on forged-link storms or a sudden wave of unsubscribes; and
+//! the queue's backlog, to see when backpressure holds mailers back.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::spool::Backlog;
 
 /// Plain atomics: the set is small and fixed, and a metrics crate would be more code
 /// than this.
@@ -29,8 +32,9 @@ pub fn bump(counter: &AtomicU64) {
 }
 
 impl Metrics {
-    /// The text exposition format, version 0.0.4.
-    pub fn render(&self) -> String {
+    /// The text exposition format, version 0.0.4; with the queue's backlog, which
+    /// says when backpressure holds new SMTP sessions back.
+    pub fn render(&self, backlog: Backlog) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         let mut family = |name: &str, help: &str, samples: &[(&str, u64)]| {
@@ -88,6 +92,29 @@ impl Metrics {
             "Admin API and metrics requests refused for want of a valid bearer token.",
             &[("", get(&self.api_unauthorized))],
         );
+        let gauges: [(&str, &str, usize); 3] = [
+            (
+                "optgate_queue_copies_pending",
+                "Copies due or being made (signed): delivery's backlog.",
+                backlog.pending,
+            ),
+            (
+                "optgate_queue_copies_reserved",
+                "Copies expected from the SMTP sessions let in and not yet queued.",
+                backlog.reserved,
+            ),
+            (
+                "optgate_smtp_sessions_waiting",
+                "SMTP sessions held before their greeting or MAIL by backpressure.",
+                backlog.waiting,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
         out
     }
 }

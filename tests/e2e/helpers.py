@@ -654,6 +654,15 @@ def fetch(url: str, method: str = "GET", body: bytes | None = None, headers: dic
         connection.close()
 
 
+def metric(gate: "Optgate", sample: str) -> float:
+    """One sample of /metrics, e.g. `optgate_web_invalid_tokens_total`."""
+    page = fetch(f"{gate.http_url}/metrics")
+    assert page.status == 200, page
+    found = re.search(rf"^{re.escape(sample)} (\S+)$", page.text, re.M)
+    assert found, f"no {sample} in /metrics:\n{page.text}"
+    return float(found[1])
+
+
 # ---- DKIM, checked by an independent verifier (dkimpy) ------------------------------
 
 

@@ -6,7 +6,7 @@ upstream that does not answer, leaves the next copies waiting."""
 import threading
 import time
 
-from helpers import PURPOSES, RawSmtp, make_message, submit, unique
+from helpers import PURPOSES, RawSmtp, make_message, metric, submit, unique, wait_until
 
 ORDERS = PURPOSES["transactional"]
 MAX_WAIT = 5.0
@@ -52,6 +52,9 @@ def test_sessions_wait_for_their_greeting_while_delivery_is_behind(launch, upstr
         client.start()
         time.sleep(1.0)
         assert "result" not in waiting, "greeted while the backlog was full"
+        # What an operator sees meanwhile: the backlog, and who waits on it.
+        assert metric(gate, "optgate_smtp_sessions_waiting") == 1
+        assert metric(gate, "optgate_queue_copies_pending") >= 2
         let_go = time.monotonic()
         upstream.let_go(slow)
         client.join(timeout=MAX_WAIT + 5)
@@ -65,3 +68,5 @@ def test_sessions_wait_for_their_greeting_while_delivery_is_behind(launch, upstr
 
     for rcpt in [slow, *others[:3]]:
         assert len(upstream.wait_for(token=token, rcpt=rcpt)) == 1, rcpt
+    wait_until(lambda: metric(gate, "optgate_queue_copies_pending") == 0, "an empty backlog")
+    assert metric(gate, "optgate_smtp_sessions_waiting") == 0

@@ -19,6 +19,7 @@ from helpers import (
     consent_history,
     delivered,
     fetch,
+    metric,
     purpose_tables,
     purpose_verdict,
     subscribe_and_mail,
@@ -58,15 +59,6 @@ def curl(*args: str) -> Curl:
         assert done.returncode == 0, f"curl {' '.join(args)}: {done.stderr}"
         status, _, redirect = done.stdout.partition(" ")
         return Curl(int(status), redirect.strip(), headers.read_text(), body.read_text())
-
-
-def metric(gate, sample: str) -> float:
-    """One sample of /metrics, e.g. `optgate_web_invalid_tokens_total`."""
-    page = fetch(f"{gate.http_url}/metrics")
-    assert page.status == 200, page
-    found = re.search(rf"^{re.escape(sample)} (\S+)$", page.text, re.M)
-    assert found, f"no {sample} in /metrics:\n{page.text}"
-    return float(found[1])
 
 
 def history(gate, rcpt: str) -> list[dict]:
