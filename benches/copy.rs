@@ -18,7 +18,7 @@ use std::sync::{Arc, LazyLock};
 use divan::{Bencher, black_box};
 use optgate::address::Address;
 use optgate::dkim::{self, Algorithm, Signers};
-use optgate::rewrite::{Footer, Links, Prepared};
+use optgate::rewrite::{CompiledFooter, Footer, Links, Prepared};
 use optgate::store::{ConsentAction, NewConsentEvent, SqliteStore, Store};
 use optgate::token::{Claims, TokenKey, TokenKeys, TokenKind, purpose_tag};
 
@@ -60,10 +60,16 @@ static MESSAGE: LazyLock<Vec<u8>> = LazyLock::new(|| {
 /// The message as the queue holds it, shared with each template as delivery does.
 static SHARED: LazyLock<Arc<Vec<u8>>> = LazyLock::new(|| Arc::new(MESSAGE.clone()));
 
-static FOOTER: LazyLock<Footer> = LazyLock::new(|| Footer::default_for("fr", "Newsletter"));
+/// Compiled once, as delivery does per purpose.
+static FOOTER: LazyLock<Arc<CompiledFooter>> = LazyLock::new(|| {
+    Arc::new(CompiledFooter::new(&Footer::default_for(
+        "fr",
+        "Newsletter",
+    )))
+});
 
 static PREPARED: LazyLock<Prepared> =
-    LazyLock::new(|| Prepared::new(SHARED.clone(), &FOOTER, HOSTNAME));
+    LazyLock::new(|| Prepared::new(SHARED.clone(), FOOTER.clone(), HOSTNAME));
 
 static TOKENS: LazyLock<TokenKeys> =
     LazyLock::new(|| TokenKeys::new(vec![TokenKey::new(1, &[42; 32], None).unwrap()]).unwrap());
@@ -129,7 +135,7 @@ mod rewrite {
     fn prepare(bencher: Bencher) {
         LazyLock::force(&MESSAGE);
         LazyLock::force(&FOOTER);
-        bencher.bench(|| Prepared::new(black_box(SHARED.clone()), &FOOTER, HOSTNAME));
+        bencher.bench(|| Prepared::new(black_box(SHARED.clone()), FOOTER.clone(), HOSTNAME));
     }
 
     /// Once per recipient.

@@ -5,13 +5,14 @@
 //! and our own bounce reports get nothing but the removal of X-Optgate-* headers.
 //! Every copy is signed. The work is CPU and SQLite: callers run it on the blocking pool.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::address::Address;
 use crate::config::Config;
 use crate::dkim::KeyRing;
 use crate::policy::Basis;
-use crate::rewrite::{self, BodyLink, Footer, Links, Prepared};
+use crate::rewrite::{self, BodyLink, CompiledFooter, Footer, Links, Prepared};
 use crate::store::{QueuedMessage, Store, StoreError};
 use crate::token::{Claims, TokenKeys, TokenKind, purpose_tag};
 
@@ -54,6 +55,8 @@ pub struct CopyMaker {
     store: Arc<dyn Store>,
     tokens: Arc<TokenKeys>,
     dkim: Arc<KeyRing>,
+    /// Each marketing purpose's footer and its tag, ready: made once, not per message.
+    purposes: HashMap<String, (Arc<CompiledFooter>, u32)>,
 }
 
 impl CopyMaker {
@@ -63,35 +66,44 @@ impl CopyMaker {
         tokens: Arc<TokenKeys>,
         dkim: Arc<KeyRing>,
     ) -> CopyMaker {
+        let purposes = config
+            .purposes
+            .iter()
+            .filter(|p| p.basis != Basis::Transactional)
+            .map(|purpose| {
+                let default = Footer::default_for(&purpose.locale, &purpose.name);
+                let footer = Footer {
+                    text: purpose.footer_text.clone().unwrap_or(default.text),
+                    html: purpose.footer_html.clone().unwrap_or(default.html),
+                };
+                let ready = (
+                    Arc::new(CompiledFooter::new(&footer)),
+                    purpose_tag(&purpose.id),
+                );
+                (purpose.id.clone(), ready)
+            })
+            .collect();
         CopyMaker {
             config,
             store,
             tokens,
             dkim,
+            purposes,
         }
     }
 
     /// Parses the message once for all its recipients.
     pub fn template(&self, message: &QueuedMessage) -> Template {
-        let Some(purpose) = self
-            .config
-            .purpose(&message.purpose)
-            .filter(|p| p.basis != Basis::Transactional)
-        else {
+        let Some((footer, purpose_tag)) = self.purposes.get(&message.purpose) else {
             // Transactional, our own "dsn", or a purpose removed from the config since
             // the message was queued: no link we could honour, so none.
             return Template::AsIs;
         };
-        let default = Footer::default_for(&purpose.locale, &purpose.name);
-        let footer = Footer {
-            text: purpose.footer_text.clone().unwrap_or(default.text),
-            html: purpose.footer_html.clone().unwrap_or(default.html),
-        };
         Template::Marketing {
-            purpose_tag: purpose_tag(&purpose.id),
+            purpose_tag: *purpose_tag,
             prepared: Box::new(Prepared::new(
                 message.body.clone(),
-                &footer,
+                footer.clone(),
                 &self.config.smtp.hostname,
             )),
         }

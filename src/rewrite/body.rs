@@ -8,7 +8,7 @@ use mail_parser::{Encoding, Message, MessagePart, MimeHeaders, PartType};
 use memchr::memmem;
 
 use super::BodyLink;
-use super::footer::{Compiled, Piece};
+use super::footer::{CompiledFooter, Piece};
 use super::headers::PartHeaderEdit;
 use super::mime::{
     B64_CHUNK, MAX_LINE, base64_encode, longest_line, longest_line_around, qp_encode,
@@ -359,7 +359,7 @@ pub(super) fn plan(
     top: bool,
     kind: Kind,
     events: Vec<Event>,
-    footer: &Compiled,
+    footer: &CompiledFooter,
     owned: &mut Vec<u8>,
 ) -> Option<PartPlan> {
     let text = decoded(part)?;
@@ -499,7 +499,7 @@ impl PartPlan {
     pub fn render(
         &self,
         owned: &[u8],
-        footer: &Compiled,
+        footer: &CompiledFooter,
         urls: &Urls<'_>,
         force_qp: bool,
         out: &mut Vec<u8>,

@@ -77,17 +77,18 @@ pub(super) enum Piece {
     Preferences,
 }
 
-/// The footer ready to be filled: split once per message, not per copy. Index 0 is
-/// for copies without a preference link, 1 for copies with one.
+/// The footer ready to be filled: split once per purpose (the caller keeps it), not
+/// per message or per copy. Index 0 is for copies without a preference link, 1 for
+/// copies with one.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Compiled {
-    pub text: [Vec<Piece>; 2],
-    pub html: [Vec<Piece>; 2],
+pub struct CompiledFooter {
+    pub(super) text: [Vec<Piece>; 2],
+    pub(super) html: [Vec<Piece>; 2],
 }
 
-impl Compiled {
-    pub fn new(footer: &Footer) -> Compiled {
-        Compiled {
+impl CompiledFooter {
+    pub fn new(footer: &Footer) -> CompiledFooter {
+        CompiledFooter {
             text: [
                 compile(&footer.text, false, false),
                 compile(&footer.text, true, false),
@@ -103,7 +104,7 @@ impl Compiled {
 
     /// Whether any literal of the footers is outside ASCII (the URLs never are: the
     /// renderer percent-encodes them).
-    pub fn text_is_ascii(&self) -> bool {
+    pub(super) fn text_is_ascii(&self) -> bool {
         self.text
             .iter()
             .flatten()

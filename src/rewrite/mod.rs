@@ -15,8 +15,8 @@ use std::sync::Arc;
 use mail_parser::MessageParser;
 
 use body::{PartPlan, Urls};
-pub use footer::Footer;
-use footer::{Compiled, html_escape_text};
+use footer::html_escape_text;
+pub use footer::{CompiledFooter, Footer};
 use headers::{CONTROL_PREFIX, TopEdit};
 
 /// What happened to the body of a copy, for the event log.
@@ -84,7 +84,7 @@ pub struct Prepared {
     owned: Box<[u8]>,
     segments: Box<[Segment]>,
     parts: Box<[PartPlan]>,
-    footer: Box<Compiled>,
+    footer: Arc<CompiledFooter>,
     body_link: BodyLink,
     replaced: Option<Box<str>>,
 }
@@ -93,7 +93,7 @@ impl Prepared {
     /// Never fails: a message it cannot understand gets the headers only. A missing
     /// Date is today; a missing Message-ID is random: one each per message, shared
     /// by its copies, like the ones a mailer would have set.
-    pub fn new(message: Arc<Vec<u8>>, footer: &Footer, hostname: &str) -> Prepared {
+    pub fn new(message: Arc<Vec<u8>>, footer: Arc<CompiledFooter>, hostname: &str) -> Prepared {
         Prepared::new_at(
             message,
             footer,
@@ -106,7 +106,7 @@ impl Prepared {
     /// [`Prepared::new`] with the clock and the randomness given: the pure core.
     pub fn new_at(
         shared: Arc<Vec<u8>>,
-        footer: &Footer,
+        footer: Arc<CompiledFooter>,
         hostname: &str,
         now: i64,
         unique: u128,
@@ -122,7 +122,6 @@ impl Prepared {
             } else {
                 0
             };
-        let compiled = Compiled::new(footer);
         let mut owned = Vec::with_capacity(message.len() + 1024);
 
         let parsed = MessageParser::default().parse(message);
@@ -137,7 +136,7 @@ impl Prepared {
                     continue;
                 };
                 if let Some(plan) =
-                    body::plan(message, part, idx == 0, kind, events, &compiled, &mut owned)
+                    body::plan(message, part, idx == 0, kind, events, &footer, &mut owned)
                 {
                     parts.push(plan);
                 }
@@ -234,7 +233,7 @@ impl Prepared {
             owned: owned.into_boxed_slice(),
             segments: segments.into_boxed_slice(),
             parts: parts.into_boxed_slice(),
-            footer: Box::new(compiled),
+            footer,
             body_link,
             replaced: (!replaced.is_empty()).then(|| replaced.join(", ").into_boxed_str()),
         }

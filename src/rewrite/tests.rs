@@ -51,7 +51,7 @@ fn prepare(message: &[u8], locale: &str) -> Prepared {
     let footer = Footer::default_for(locale, "Newsletter");
     Prepared::new_at(
         Arc::new(message.to_vec()),
-        &footer,
+        Arc::new(CompiledFooter::new(&footer)),
         "gw.optgate.example",
         NOW,
         0xfeed,
@@ -597,8 +597,18 @@ fn date_and_message_id_are_added_only_when_missing() {
     }
     // Random ids differ per message.
     let footer = Footer::default_for("en", "n");
-    let a = Prepared::new(Arc::new(msg.to_vec()), &footer, "h.example").render(&links());
-    let b = Prepared::new(Arc::new(msg.to_vec()), &footer, "h.example").render(&links());
+    let a = Prepared::new(
+        Arc::new(msg.to_vec()),
+        Arc::new(CompiledFooter::new(&footer)),
+        "h.example",
+    )
+    .render(&links());
+    let b = Prepared::new(
+        Arc::new(msg.to_vec()),
+        Arc::new(CompiledFooter::new(&footer)),
+        "h.example",
+    )
+    .render(&links());
     assert_ne!(
         header_value(&a.bytes, "Message-ID"),
         header_value(&b.bytes, "Message-ID")
@@ -631,7 +641,14 @@ fn the_preferences_line_appears_only_with_a_preference_link() {
         text: "Bye: {unsubscribe_url}\nPrefs: {preferences_url}\n".into(),
         html: "<p><a href=\"{unsubscribe_url}\">bye</a></p>\n<p><a href=\"{preferences_url}\">prefs</a></p>".into(),
     };
-    let out = Prepared::new_at(Arc::new(msg.to_vec()), &footer, "h", NOW, 1).render(&links());
+    let out = Prepared::new_at(
+        Arc::new(msg.to_vec()),
+        Arc::new(CompiledFooter::new(&footer)),
+        "h",
+        NOW,
+        1,
+    )
+    .render(&links());
     assert!(
         text_parts(&out.bytes)[0]
             .1
@@ -642,7 +659,14 @@ fn the_preferences_line_appears_only_with_a_preference_link() {
         text: "Thanks for reading.".into(),
         html: String::new(),
     };
-    let out = Prepared::new_at(Arc::new(msg.to_vec()), &footer, "h", NOW, 1).render(&links());
+    let out = Prepared::new_at(
+        Arc::new(msg.to_vec()),
+        Arc::new(CompiledFooter::new(&footer)),
+        "h",
+        NOW,
+        1,
+    )
+    .render(&links());
     let text = &text_parts(&out.bytes)[0].1;
     assert!(
         text.ends_with(&format!("\r\n\r\nThanks for reading.\r\n{URL}\r\n")),
@@ -754,42 +778,6 @@ fn prepared_is_small_and_shareable_between_workers() {
 #[test]
 fn transactional_mail_only_loses_control_fields() {
     assert_eq!(transactional(MSG), strip_control_headers(MSG));
-}
-
-/// Not a benchmark, just a figure: `cargo test --release --lib render_time -- --nocapture`.
-#[test]
-fn render_time_of_the_newsletter() {
-    let msg = fixture("newsletter.eml");
-    let footer = Footer::default_for("fr", "Newsletter");
-    let mut prepare_times = Vec::new();
-    for _ in 0..if cfg!(debug_assertions) { 3 } else { 201 } {
-        let t = std::time::Instant::now();
-        std::hint::black_box(Prepared::new(
-            Arc::new(msg.to_vec()),
-            &footer,
-            "gw.optgate.example",
-        ));
-        prepare_times.push(t.elapsed());
-    }
-    prepare_times.sort();
-    let prepare_time = prepare_times[prepare_times.len() / 2];
-    let prepared = Prepared::new(Arc::new(msg.to_vec()), &footer, "gw.optgate.example");
-    let mut times = Vec::new();
-    for _ in 0..7 {
-        let t = std::time::Instant::now();
-        let n = 200;
-        for _ in 0..n {
-            std::hint::black_box(prepared.render(&links()));
-        }
-        times.push(t.elapsed() / n);
-    }
-    times.sort();
-    println!(
-        "newsletter ({} bytes): prepare median {prepare_time:?}, render median {:?} (min {:?})",
-        msg.len(),
-        times[times.len() / 2],
-        times[0]
-    );
 }
 
 #[test]

@@ -60,17 +60,15 @@ impl State {
     /// Gives back the room of greeted sessions that have not sent MAIL in time, and
     /// says when the next such room expires.
     fn expire(&mut self, now: Instant) -> Option<Instant> {
-        let expired: Vec<u64> = self
-            .greeted
-            .iter()
-            .filter(|(_, (until, _))| *until <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            if let Some((_, copies)) = self.greeted.remove(&id) {
-                self.reserved = self.reserved.saturating_sub(copies);
+        let mut lapsed = 0;
+        self.greeted.retain(|_, (until, copies)| {
+            let keep = *until > now;
+            if !keep {
+                lapsed += *copies;
             }
-        }
+            keep
+        });
+        self.reserved = self.reserved.saturating_sub(lapsed);
         self.greeted.values().map(|(until, _)| *until).min()
     }
 }
