@@ -1,6 +1,11 @@
-//! DKIM signing of each final copy (mail-auth, ring), keyed by the From domain, and
+//! DKIM signing of each final copy (mail-auth), keyed by the From domain, and
 //! the key generation behind `optgate dkim keygen`. It adds a header; it changes
 //! nothing else in the message.
+//!
+//! mail-auth runs on its aws-lc-rs backend, not ring as the rest of optgate: one RSA
+//! signature per copy is the largest cost of a delivery, and AWS-LC's RSA uses the
+//! AVX-512 IFMA units where the CPU has them (405 µs against 690 µs for hash + sign
+//! of the reference newsletter on this machine, `cargo bench --bench copy`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
