@@ -14,7 +14,7 @@ use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 #[allow(deprecated)]
 use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
@@ -90,6 +90,12 @@ impl Relay {
 /// Idle connections older than this are closed rather than reused: servers drop
 /// idle clients after a few minutes (RFC 5321 §4.5.3.2.7 suggests 5).
 const MAX_IDLE: Duration = Duration::from_secs(60);
+/// A connection idle for less than this is reused as it is; one idle longer must
+/// first answer a NOOP. Under load connections are idle for milliseconds, and a
+/// NOOP per copy would be one more round trip each. A connection reused unprobed
+/// that turns out closed (the server hung up meanwhile) costs one more try on a new
+/// connection, within the same attempt (see [`SmtpPool::send`]).
+const PROBE_AFTER: Duration = Duration::from_secs(2);
 
 /// Connections to the upstream, opened and reused by hand around lettre's
 /// `AsyncSmtpConnection`.
@@ -124,6 +130,35 @@ struct Connection {
     /// The stream under `smtp`, to write messages to (see [`write_data`]); None
     /// after STARTTLS, when lettre has put its own TLS layer over it.
     wire: Option<Wire>,
+    /// The server offers PIPELINING (RFC 2920) and we can write to `wire`: MAIL,
+    /// RCPT and DATA go in one write, and their replies are read after.
+    pipelining: bool,
+}
+
+/// How a pooled connection was had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checkout {
+    /// Opened for this copy, or idle long enough to have answered a NOOP first.
+    Checked,
+    /// Reused at once (see [`PROBE_AFTER`]): it may have been closed meanwhile.
+    Unprobed,
+}
+
+/// Why a mail transaction failed.
+enum Failure {
+    /// The connection was gone before MAIL got its reply: nothing reached the
+    /// server, so the copy can be sent again on another connection.
+    Closed(RelayError),
+    /// Anything else, including every reply the server did give.
+    Failed(RelayError),
+}
+
+impl From<Failure> for RelayError {
+    fn from(failure: Failure) -> RelayError {
+        match failure {
+            Failure::Closed(e) | Failure::Failed(e) => e,
+        }
+    }
 }
 
 impl SmtpPool {
@@ -172,7 +207,25 @@ impl SmtpPool {
             .acquire()
             .await
             .map_err(|_| RelayError::Transient("the relay is shutting down".into()))?;
-        let mut conn = self.checkout().await?;
+        let (conn, checkout) = self.checkout().await?;
+        match self.deliver(conn, envelope, message).await {
+            Err(Failure::Closed(e)) if checkout == Checkout::Unprobed => {
+                tracing::debug!(upstream = %self.name, error = %e, "a reused connection was closed; sending on a new one");
+                let conn = self.open().await?;
+                Ok(self.deliver(conn, envelope, message).await?)
+            }
+            sent => Ok(sent?),
+        }
+    }
+
+    /// One mail transaction under its deadline; the connection goes back to the
+    /// pool after a success only.
+    async fn deliver(
+        &self,
+        mut conn: Connection,
+        envelope: &Envelope,
+        message: &[&[u8]],
+    ) -> Result<String, Failure> {
         let size = message.iter().map(|part| part.len()).sum();
         let deadline = transaction_deadline(self.timeout, size);
         match tokio::time::timeout(deadline, self.transaction(&mut conn, envelope, message)).await {
@@ -181,59 +234,95 @@ impl SmtpPool {
                 Ok(reply_text(&response))
             }
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(RelayError::Transient(format!(
+            Err(_) => Err(Failure::Failed(RelayError::Transient(format!(
                 "upstream {}: no answer within {}s during the mail transaction",
                 self.name,
                 deadline.as_secs()
-            ))),
+            )))),
         }
     }
 
-    /// MAIL, RCPT, DATA and the message: lettre's `send`, but for a message in parts,
-    /// written without lettre's full-size dot-stuffed copy of it. After a failure the
-    /// connection is closed (QUIT first, if it still answers), as lettre does.
+    /// MAIL, RCPT, DATA and the message: lettre's `send`, but pipelined where the
+    /// server allows it, and for a message in parts, written without lettre's
+    /// full-size dot-stuffed copy of it. After a failure the connection is closed
+    /// (QUIT first, if it still answers), as lettre does.
     async fn transaction(
         &self,
         conn: &mut Connection,
         envelope: &Envelope,
         message: &[&[u8]],
-    ) -> Result<Response, RelayError> {
+    ) -> Result<Response, Failure> {
         let info = conn.smtp.server_info();
         let mut parameters = Vec::new();
         let mut addresses = envelope.from().into_iter().chain(envelope.to());
         if addresses.any(|a| !AsRef::<str>::as_ref(a).is_ascii()) {
             if !info.supports_feature(Extension::SmtpUtfEight) {
-                return Err(self.unsupported("a non-ASCII address", "SMTPUTF8"));
+                return Err(Failure::Failed(
+                    self.unsupported("a non-ASCII address", "SMTPUTF8"),
+                ));
             }
             parameters.push(MailParameter::SmtpUtfEight);
         }
         if !message.iter().all(|part| part.is_ascii()) {
             if !info.supports_feature(Extension::EightBitMime) {
-                return Err(self.unsupported("8-bit content", "8BITMIME"));
+                return Err(Failure::Failed(
+                    self.unsupported("8-bit content", "8BITMIME"),
+                ));
             }
             parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
-        let fail = |e: smtp::Error| map_error(&e, &self.name);
+        let fail = |e: smtp::Error| Failure::Failed(map_error(&e, &self.name));
+        // No reply to MAIL, or 421 (closing): the server had hung up.
+        let mail_fail = |e: smtp::Error| match e.status() {
+            Some(code) if code.to_string() != "421" => fail(e),
+            _ => Failure::Closed(map_error(&e, &self.name)),
+        };
+        let cannot_write = |e: std::io::Error, what: &str| {
+            RelayError::Transient(format!("upstream {}: cannot send {what}: {e}", self.name))
+        };
+        let mail = Mail::new(envelope.from().cloned(), parameters);
         let sent = async {
-            conn.smtp
-                .command(Mail::new(envelope.from().cloned(), parameters))
-                .await
-                .map_err(fail)?;
-            for to in envelope.to() {
-                conn.smtp
-                    .command(Rcpt::new(to.clone(), vec![]))
-                    .await
-                    .map_err(fail)?;
+            match (&mut conn.wire, conn.pipelining) {
+                (Some(wire), true) => {
+                    let mut commands = mail.to_string();
+                    for to in envelope.to() {
+                        commands.push_str(&Rcpt::new(to.clone(), vec![]).to_string());
+                    }
+                    commands.push_str(&Data.to_string());
+                    // A write to a connection the server closed may still succeed
+                    // (into the socket's buffer): the missing reply tells.
+                    wire.write_all(commands.as_bytes())
+                        .await
+                        .map_err(|e| Failure::Closed(cannot_write(e, "the envelope")))?;
+                    // Every reply is read, in order, before the first is acted on.
+                    let mail = conn.smtp.read_response().await;
+                    let mut rcpts = Vec::with_capacity(envelope.to().len());
+                    for _ in envelope.to() {
+                        rcpts.push(conn.smtp.read_response().await);
+                    }
+                    let data = conn.smtp.read_response().await;
+                    mail.map_err(mail_fail)?;
+                    for rcpt in rcpts {
+                        rcpt.map_err(fail)?;
+                    }
+                    data.map_err(fail)?;
+                }
+                _ => {
+                    conn.smtp.command(mail).await.map_err(mail_fail)?;
+                    for to in envelope.to() {
+                        conn.smtp
+                            .command(Rcpt::new(to.clone(), vec![]))
+                            .await
+                            .map_err(fail)?;
+                    }
+                    conn.smtp.command(Data).await.map_err(fail)?;
+                }
             }
-            conn.smtp.command(Data).await.map_err(fail)?;
             match &mut conn.wire {
                 Some(wire) => {
-                    write_data(wire, message).await.map_err(|e| {
-                        RelayError::Transient(format!(
-                            "upstream {}: cannot send the message: {e}",
-                            self.name
-                        ))
-                    })?;
+                    write_data(wire, message)
+                        .await
+                        .map_err(|e| Failure::Failed(cannot_write(e, "the message")))?;
                     conn.smtp.read_response().await.map_err(fail)
                 }
                 None => conn
@@ -259,21 +348,31 @@ impl SmtpPool {
         ))
     }
 
-    /// An idle connection that still answers NOOP, or a new one.
-    async fn checkout(&self) -> Result<Connection, RelayError> {
+    /// A connection idle for a moment only, one idle longer that still answers
+    /// NOOP, or a new one.
+    async fn checkout(&self) -> Result<(Connection, Checkout), RelayError> {
         loop {
             let parked = self.idle.lock().ok().and_then(|mut idle| idle.pop());
             let Some((mut conn, since)) = parked else {
                 break;
             };
-            if since.elapsed() > MAX_IDLE {
+            let idle = since.elapsed();
+            if idle < PROBE_AFTER {
+                return Ok((conn, Checkout::Unprobed));
+            }
+            if idle > MAX_IDLE {
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.smtp.quit()).await;
                 continue;
             }
             if let Ok(true) = tokio::time::timeout(self.timeout, conn.smtp.test_connected()).await {
-                return Ok(conn);
+                return Ok((conn, Checkout::Checked));
             }
         }
+        Ok((self.open().await?, Checkout::Checked))
+    }
+
+    /// A new connection, within its deadline.
+    async fn open(&self) -> Result<Connection, RelayError> {
         // Connect, greeting, EHLO, STARTTLS, EHLO again, AUTH: each may take a while.
         let setup = 2 * self.timeout;
         match tokio::time::timeout(setup, self.connect()).await {
@@ -325,12 +424,25 @@ impl SmtpPool {
                 .await
                 .map_err(|e| describe(&e))?;
         }
+        // lettre keeps only the extensions it knows from the EHLO reply, not
+        // PIPELINING: ask again (before AUTH, which a new EHLO would reset).
+        let pipelining = wire.is_some()
+            && smtp
+                .command(Ehlo::new(self.hello.clone()))
+                .await
+                .map_err(|e| describe(&e))?
+                .message()
+                .any(|line| offers(line, "PIPELINING"));
         if let Some(credentials) = &self.credentials {
             smtp.auth(DEFAULT_MECHANISMS, credentials)
                 .await
                 .map_err(|e| describe(&e))?;
         }
-        Ok(Connection { smtp, wire })
+        Ok(Connection {
+            smtp,
+            wire,
+            pipelining,
+        })
     }
 
     /// The TCP connection, with Nagle's algorithm off. A message's last segment is
@@ -585,6 +697,13 @@ fn reply_text(response: &Response) -> String {
     text
 }
 
+/// Whether a line of an EHLO reply names `extension` (its first word).
+fn offers(line: &str, extension: &str) -> bool {
+    line.split_ascii_whitespace()
+        .next()
+        .is_some_and(|word| word.eq_ignore_ascii_case(extension))
+}
+
 /// Maps an error of the mail transaction (MAIL, RCPT, DATA): a negative reply by its
 /// code, anything else (connection lost, I/O) as transient.
 fn map_error(e: &smtp::Error, upstream: &str) -> RelayError {
@@ -740,6 +859,8 @@ pub(crate) mod fake_upstream {
         pub data: Vec<u8>,
         /// Whether it came after STARTTLS.
         pub encrypted: bool,
+        /// Whether RCPT and DATA had arrived with MAIL, before its reply.
+        pub pipelined: bool,
     }
 
     trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -835,14 +956,18 @@ pub(crate) mod fake_upstream {
                 } else {
                     ""
                 };
-                format!("250-fake\r\n{starttls}250-8BITMIME\r\n250 SIZE 100000000")
+                format!(
+                    "250-fake\r\n{starttls}250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 100000000"
+                )
             } else if upper.starts_with("STARTTLS") && offer_tls && !encrypted {
                 write.write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
                 return Ok(Some(Box::new(read.into_inner().unsplit(write))));
             } else if upper.starts_with("MAIL FROM:") {
+                let ahead = String::from_utf8_lossy(read.buffer()).to_ascii_uppercase();
                 current = Received {
                     sender: line[10..].trim().trim_matches(['<', '>']).to_string(),
                     encrypted,
+                    pipelined: ahead.contains("RCPT TO:") && ahead.contains("DATA"),
                     ..Received::default()
                 };
                 data_reply = "250 2.0.0 Ok: queued as FAKE";
@@ -866,6 +991,8 @@ pub(crate) mod fake_upstream {
                     current.recipients.push(rcpt);
                     "250 2.1.5 Ok".into()
                 }
+            } else if upper.starts_with("DATA") && current.recipients.is_empty() {
+                "554 5.5.1 Error: no valid recipients".into()
             } else if upper.starts_with("DATA") {
                 write
                     .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -887,8 +1014,14 @@ pub(crate) mod fake_upstream {
                     data.extend_from_slice(l);
                 }
                 current.data = data;
+                // A server that hangs up without a word after this message.
+                let hang_up = current.recipients.iter().any(|r| r.starts_with("hangup"));
                 if data_reply.starts_with('2') {
                     store.lock().unwrap().push(std::mem::take(&mut current));
+                }
+                if hang_up {
+                    write.write_all(b"250 2.0.0 Ok: queued as FAKE\r\n").await?;
+                    return Ok(None);
                 }
                 data_reply.into()
             } else if upper.starts_with("QUIT") {
@@ -1025,6 +1158,33 @@ mod tests {
         let ok = relay.send("", "c@example.com", &[MSG]).await;
         assert!(ok.is_ok(), "{ok:?}");
         assert_eq!(up.received.lock().unwrap().last().unwrap().sender, "");
+    }
+
+    #[tokio::test]
+    async fn the_envelope_is_pipelined_when_the_server_offers_it() {
+        let up = fake_upstream::start().await;
+        let relay = Relay::new(&smtp_config(up.port), "gw.example.com").unwrap();
+        let ok = relay.send("a@example.com", "b@example.com", &[MSG]).await;
+        assert!(ok.is_ok(), "{ok:?}");
+        let got = up.received.lock().unwrap();
+        assert!(got[0].pipelined, "MAIL, RCPT and DATA in one write");
+        assert_eq!(got[0].data, MSG);
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_the_server_closed_is_replaced_within_the_attempt() {
+        let up = fake_upstream::start().await;
+        let relay = Relay::new(&smtp_config(up.port), "gw.example.com").unwrap();
+        let first = relay.send("a@example.com", "hangup@example.com", &[MSG]).await;
+        assert!(first.is_ok(), "{first:?}");
+        // Reused at once, without a NOOP: the server is gone, so the copy goes
+        // out on a new connection, in this same call.
+        let second = relay.send("a@example.com", "b@example.com", &[MSG]).await;
+        assert_eq!(second, Ok("250 2.0.0 Ok: queued as FAKE".to_string()));
+        assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let got = up.received.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].recipients, vec!["b@example.com".to_string()]);
     }
 
     #[tokio::test]
