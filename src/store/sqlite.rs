@@ -160,6 +160,19 @@ const WRITER_CACHE_KIB: i64 = -65_536;
 /// Message bytes in one enqueue beyond which the writer's cache is emptied after it.
 const LARGE_BATCH_BYTES: usize = 8 << 20;
 
+/// Log size, in pages (32 MiB of 4 KiB pages), from which a commit copies the log into
+/// the file: SQLite's default of 1 000 pages checkpointed every ~70 newsletters,
+/// each time with two fsyncs and a write of every page changed since. A larger window
+/// writes a page reused within it (a queued body's pages, the queue's b-tree pages)
+/// once rather than once per checkpoint. The log then peaks at this size plus the
+/// transaction that crosses it, unless a reader keeps a checkpoint from completing or
+/// a transaction is larger itself (an import): see [`WAL_SIZE_LIMIT`].
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 8_192;
+/// Bytes the log file is cut back to when it starts over after a checkpoint, so that
+/// a burst (an import, a long read) does not leave a huge file behind. Above the
+/// usual peak, so that the log is not truncated and grown again in steady state.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
 /// Readers kept open between calls; more are opened under a burst and closed after.
 const MAX_IDLE_READERS: usize = 4;
 
@@ -224,6 +237,8 @@ impl SqliteStore {
         // A large transaction (an import) whose pages outgrow the cache spills them to
         // the log mid-way, and writes them again at commit: give the writer room.
         writer.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
+        writer.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         // Deleted rows are overwritten with zeros, and so are the pages they free:
         // a forgotten person must not be recoverable from the file. The one exception,
         // delivered bodies, is in `record_outcomes`; `forget` scrubs what it leaves.
@@ -2881,6 +2896,43 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, 3);
+    }
+
+    #[test]
+    fn the_log_stays_bounded_under_a_steady_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("optgate.db"), false).unwrap();
+        let body = Arc::new(vec![b'x'; 44_000]);
+        // About 60 MB through the log: twice the checkpoint window.
+        for group in 0..120 {
+            let batch: Vec<NewMessage> = (0..8)
+                .map(|i| {
+                    let mut m = message(&format!("M{group}-{i}"), 10, &[("a@example.com", true)]);
+                    m.message.body = body.clone();
+                    m
+                })
+                .collect();
+            store.enqueue(&batch).unwrap();
+            let delivered: Vec<DeliveryOutcome> = batch
+                .iter()
+                .map(|m| {
+                    let reply = "250 ok".into();
+                    outcome(
+                        &m.message.id,
+                        "a@example.com",
+                        11,
+                        OutcomeKind::Delivered { reply },
+                    )
+                })
+                .collect();
+            store.record_outcomes(&delivered).unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("optgate.db-wal"))
+            .unwrap()
+            .len();
+        let frame = 4_096 + 24;
+        let bound = (WAL_AUTOCHECKPOINT_PAGES as u64 + 200) * frame;
+        assert!(wal <= bound, "{wal} > {bound}");
     }
 
     #[test]
