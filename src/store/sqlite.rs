@@ -2899,6 +2899,45 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_file_keeps_its_queue_and_is_scrubbed_by_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optgate.db");
+        {
+            // As the previous release (schema 2) leaves it, with a message queued.
+            let raw = Connection::open(&path).unwrap();
+            raw.execute_batch(&format!("{}{}", MIGRATIONS[0], MIGRATIONS[1]))
+                .unwrap();
+            raw.execute_batch(
+                "PRAGMA journal_mode = wal; PRAGMA user_version = 2;
+                 INSERT INTO messages VALUES ('OLD', 's@example.com', 'p', 5, zeroblob(20000));
+                 INSERT INTO deliveries (message_id, recipient, next_attempt_at)
+                     VALUES ('OLD', 'ann@example.com', 5);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path, true).unwrap();
+        let pending = store.pending_deliveries().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(store.message("OLD").unwrap().unwrap().body.len(), 20_000);
+        let reply = "250 ok".into();
+        store
+            .record_outcomes(&[outcome(
+                "OLD",
+                "ann@example.com",
+                6,
+                OutcomeKind::Delivered { reply },
+            )])
+            .unwrap();
+        assert!(store.message("OLD").unwrap().is_none());
+        assert!(store.forget(&addr("ann@example.com"), 7).unwrap());
+        let raw = Connection::open(&path).unwrap();
+        let version: usize = raw
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+    }
+
+    #[test]
     fn the_log_stays_bounded_under_a_steady_queue() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("optgate.db"), false).unwrap();
