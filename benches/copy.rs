@@ -8,7 +8,11 @@
 //! - `token`: the signed unsubscribe token in each copy's links;
 //! - `store`: `consent_facts` (the policy's lookup, for 1 and for 10 recipients) and
 //!   `contact_id` (each copy's link names the contact) on a database of 100 000
-//!   contacts (`OPTGATE_BENCH_CONTACTS` to change), built once in a temporary folder.
+//!   contacts (`OPTGATE_BENCH_CONTACTS` to change), built once in a temporary folder;
+//! - `queue`: what the store writes per message with one recipient: `enqueue` of
+//!   [`queue::GROUP`] messages in one fsync'd transaction, then `record_outcomes`
+//!   delivering them, on a database file in a temporary folder (on disk, as
+//!   `storage.fsync` wants). Divide its time by `GROUP` for one message.
 //!
 //! Run: `cargo bench --bench copy` (a filter narrows it: `cargo bench --bench copy -- dkim`).
 
@@ -19,7 +23,10 @@ use divan::{Bencher, black_box};
 use optgate::address::Address;
 use optgate::dkim::{self, Algorithm, Signers};
 use optgate::rewrite::{CompiledFooter, Footer, Links, Prepared};
-use optgate::store::{ConsentAction, NewConsentEvent, SqliteStore, Store};
+use optgate::store::{
+    ConsentAction, DeliveryOutcome, NewConsentEvent, NewMessage, OutcomeKind, QueuedMessage,
+    RecipientDecision, SqliteStore, Store,
+};
 use optgate::token::{Claims, TokenKey, TokenKeys, TokenKind, purpose_tag};
 
 fn main() {
@@ -357,5 +364,65 @@ mod store {
         bencher
             .with_inputs(|| db.addresses[next(&i, db.addresses.len())].clone())
             .bench_refs(|a| db.store.contact_id(a).unwrap());
+    }
+}
+
+mod queue {
+    use super::*;
+
+    /// Messages enqueued in one transaction, and delivered in one: what the spool's
+    /// group commit gathers under load.
+    pub const GROUP: usize = 8;
+    /// Distinct recipients cycled through: after the first round each is a known
+    /// contact, as a newsletter's subscribers are.
+    const RECIPIENTS: usize = 10_000;
+
+    /// `GROUP` messages with one allowed recipient each, enqueued (fsync'd), then
+    /// delivered: the store's whole share of their journey through the gateway.
+    #[divan::bench]
+    fn enqueue_and_deliver(bencher: Bencher) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("optgate.db"), true).unwrap();
+        LazyLock::force(&SHARED);
+        let mut n = 0usize;
+        bencher.bench_local(|| {
+            let now = optgate::clock::now();
+            let batch: Vec<NewMessage> = (0..GROUP)
+                .map(|_| {
+                    n += 1;
+                    let address =
+                        Address::parse(&format!("reader{:05}@example.net", n % RECIPIENTS))
+                            .unwrap();
+                    NewMessage {
+                        message: QueuedMessage {
+                            id: format!("Q{n:010}"),
+                            sender: "shop@example.com".into(),
+                            purpose: PURPOSE.into(),
+                            received_at: now,
+                            body: SHARED.clone(),
+                        },
+                        recipients: vec![RecipientDecision {
+                            address,
+                            allowed: true,
+                            reason: "allowed: consent (consent event 12345)".into(),
+                        }],
+                        origin: "listmonk@192.0.2.7".into(),
+                    }
+                })
+                .collect();
+            store.enqueue(&batch).unwrap();
+            let outcomes: Vec<DeliveryOutcome> = batch
+                .iter()
+                .map(|m| DeliveryOutcome {
+                    message_id: m.message.id.clone(),
+                    recipient: m.recipients[0].address.as_str().to_string(),
+                    at: now,
+                    kind: OutcomeKind::Delivered {
+                        reply: "250 2.0.0 Ok: queued as 4Xk9Lq0ZbVz1".into(),
+                    },
+                })
+                .collect();
+            store.record_outcomes(&outcomes).unwrap();
+        });
     }
 }

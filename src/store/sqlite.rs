@@ -144,6 +144,11 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX signups_address ON signups (address, at);
 ",
+    r"
+    -- Always empty between transactions: `forget` fills the file's free pages with
+    -- rows of zeros here and deletes them again (see `scrub_free_pages`).
+    CREATE TABLE scrub (fill BLOB NOT NULL);
+",
 ];
 
 /// Long enough to ride out the other process's commit (the CLI writing while `serve`
@@ -154,6 +159,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITER_CACHE_KIB: i64 = -65_536;
 /// Message bytes in one enqueue beyond which the writer's cache is emptied after it.
 const LARGE_BATCH_BYTES: usize = 8 << 20;
+
+/// Log size, in pages (32 MiB of 4 KiB pages), from which a commit copies the log into
+/// the file: SQLite's default of 1 000 pages checkpointed every ~70 newsletters,
+/// each time with two fsyncs and a write of every page changed since. A larger window
+/// writes a page reused within it (a queued body's pages, the queue's b-tree pages)
+/// once rather than once per checkpoint. The log then peaks at this size plus the
+/// transaction that crosses it, unless a reader keeps a checkpoint from completing or
+/// a transaction is larger itself (an import): see [`WAL_SIZE_LIMIT`].
+const WAL_AUTOCHECKPOINT_PAGES: i64 = 8_192;
+/// Bytes the log file is cut back to when it starts over after a checkpoint, so that
+/// a burst (an import, a long read) does not leave a huge file behind. Above the
+/// usual peak, so that the log is not truncated and grown again in steady state.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Readers kept open between calls; more are opened under a burst and closed after.
 const MAX_IDLE_READERS: usize = 4;
@@ -219,9 +237,11 @@ impl SqliteStore {
         // A large transaction (an import) whose pages outgrow the cache spills them to
         // the log mid-way, and writes them again at commit: give the writer room.
         writer.pragma_update(None, "cache_size", WRITER_CACHE_KIB)?;
-        // Deleted rows are overwritten with zeros rather than left in free pages: a
-        // delivered message (its Received: names the recipient) or a forgotten person
-        // must not be recoverable from the file. Costs a write of each freed page.
+        writer.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
+        // Deleted rows are overwritten with zeros, and so are the pages they free:
+        // a forgotten person must not be recoverable from the file. The one exception,
+        // delivered bodies, is in `record_outcomes`; `forget` scrubs what it leaves.
         writer.pragma_update(None, "secure_delete", true)?;
         // Foreign keys are switched on after migrating: a migration that copies a
         // table (SQLite's way to change one) must not have them enforced midway. (The
@@ -978,14 +998,7 @@ impl Store for SqliteStore {
                 }
                 touched.insert(o.message_id.as_str());
             }
-            let mut collect = tx.prepare_cached(
-                "DELETE FROM messages WHERE id = ?1
-                 AND NOT EXISTS (SELECT 1 FROM deliveries WHERE message_id = ?1)",
-            )?;
-            for id in touched {
-                collect.execute([id])?;
-            }
-            Ok(())
+            collect_messages(tx, touched)
         })
     }
 
@@ -1300,13 +1313,62 @@ impl Store for SqliteStore {
         let addr = address.as_str();
         let hash = self.erasure_hash(addr);
         let mut conn = self.writer(true)?;
-        // The writer overwrites deleted rows (secure_delete, set at open).
+        // The writer overwrites deleted rows (secure_delete, set at open), and the
+        // transaction ends by zeroing every free page (`scrub_free_pages`).
         let held = forget_in(&mut conn, addr, hash.as_ref(), at)?;
         // Best effort: move the overwritten pages from the log into the file and empty
         // the log, so the old bytes do not linger there either. Readers may hold it up.
         let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
         Ok(held)
     }
+}
+
+/// Deletes the messages among `ids` that have no delivery left, last in the caller's
+/// transaction. Their bodies are most of what the queue writes: overwriting their
+/// freed pages with zeros (`secure_delete = ON`) wrote each body a second time through
+/// the log, to be replaced by the next body anyway. So here the freed pages keep
+/// their bytes (`FAST` still zeroes what stays in the rows' pages) until they are
+/// reused, or until [`SqliteStore::forget`] scrubs them. Last, because a page freed
+/// here and reused in the same transaction would be read back rather than zeroed.
+fn collect_messages<'a>(
+    tx: &Transaction<'_>,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<(), StoreError> {
+    let mut collect = tx.prepare_cached(
+        "DELETE FROM messages WHERE id = ?1
+         AND NOT EXISTS (SELECT 1 FROM deliveries WHERE message_id = ?1)",
+    )?;
+    tx.pragma_update(None, "secure_delete", "fast")?;
+    let collected = ids
+        .into_iter()
+        .try_for_each(|id| collect.execute([id]).map(|_| ()));
+    // Restored whatever happened: every other deletion zeroes the pages it frees.
+    tx.pragma_update(None, "secure_delete", true)?;
+    Ok(collected?)
+}
+
+/// Largest row of zeros [`scrub_free_pages`] writes at once (SQLite caps a value at
+/// 1 GB; this keeps each well below).
+const SCRUB_CHUNK_BYTES: i64 = 64 << 20;
+
+/// Overwrites every free page of the file with zeros, in the caller's transaction:
+/// rows of zeros in `scrub` take the whole free list (a page of it at least per row),
+/// and deleting them with `secure_delete = ON` zeroes every page again, trunk pages
+/// of the free list included. What was deleted without zeroing (delivered bodies, see
+/// [`collect_messages`]) is then gone from free space. Costs two writes through the
+/// log of each free page: as many as the queue's largest backlog left behind.
+fn scrub_free_pages(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    let page_size: i64 = tx.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+    loop {
+        let free: i64 = tx.query_row("PRAGMA freelist_count", [], |row| row.get(0))?;
+        if free == 0 {
+            break;
+        }
+        tx.prepare_cached("INSERT INTO scrub (fill) VALUES (zeroblob(?1))")?
+            .execute([free.saturating_mul(page_size).min(SCRUB_CHUNK_BYTES)])?;
+    }
+    tx.execute("DELETE FROM scrub", [])?;
+    Ok(())
 }
 
 /// The transaction of [`SqliteStore::forget`]: true if anything was held.
@@ -1360,6 +1422,7 @@ fn forget_in(
             ],
         )?;
     }
+    scrub_free_pages(&tx)?;
     tx.commit()?;
     Ok(held > 0)
 }
@@ -2832,6 +2895,145 @@ mod tests {
         let version: usize = raw
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
+    }
+
+    #[test]
+    fn a_version_2_file_keeps_its_queue_and_is_scrubbed_by_forget() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optgate.db");
+        {
+            // As the previous release (schema 2) leaves it, with a message queued.
+            let raw = Connection::open(&path).unwrap();
+            raw.execute_batch(&format!("{}{}", MIGRATIONS[0], MIGRATIONS[1]))
+                .unwrap();
+            raw.execute_batch(
+                "PRAGMA journal_mode = wal; PRAGMA user_version = 2;
+                 INSERT INTO messages VALUES ('OLD', 's@example.com', 'p', 5, zeroblob(20000));
+                 INSERT INTO deliveries (message_id, recipient, next_attempt_at)
+                     VALUES ('OLD', 'ann@example.com', 5);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(&path, true).unwrap();
+        let pending = store.pending_deliveries().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(store.message("OLD").unwrap().unwrap().body.len(), 20_000);
+        let reply = "250 ok".into();
+        store
+            .record_outcomes(&[outcome(
+                "OLD",
+                "ann@example.com",
+                6,
+                OutcomeKind::Delivered { reply },
+            )])
+            .unwrap();
+        assert!(store.message("OLD").unwrap().is_none());
+        assert!(store.forget(&addr("ann@example.com"), 7).unwrap());
+        let raw = Connection::open(&path).unwrap();
+        let version: usize = raw
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn the_log_stays_bounded_under_a_steady_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("optgate.db"), false).unwrap();
+        let body = Arc::new(vec![b'x'; 44_000]);
+        // About 60 MB through the log: twice the checkpoint window.
+        for group in 0..120 {
+            let batch: Vec<NewMessage> = (0..8)
+                .map(|i| {
+                    let mut m = message(&format!("M{group}-{i}"), 10, &[("a@example.com", true)]);
+                    m.message.body = body.clone();
+                    m
+                })
+                .collect();
+            store.enqueue(&batch).unwrap();
+            let delivered: Vec<DeliveryOutcome> = batch
+                .iter()
+                .map(|m| {
+                    let reply = "250 ok".into();
+                    outcome(
+                        &m.message.id,
+                        "a@example.com",
+                        11,
+                        OutcomeKind::Delivered { reply },
+                    )
+                })
+                .collect();
+            store.record_outcomes(&delivered).unwrap();
+        }
+        let wal = std::fs::metadata(dir.path().join("optgate.db-wal"))
+            .unwrap()
+            .len();
+        let frame = 4_096 + 24;
+        let bound = (WAL_AUTOCHECKPOINT_PAGES as u64 + 200) * frame;
+        assert!(wal <= bound, "{wal} > {bound}");
+    }
+
+    #[test]
+    fn delivered_bodies_stay_in_free_pages_until_forget_scrubs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        // Written nowhere else than in the body, which fills several overflow pages.
+        const MARKER: &[u8] = b"Dear Ann, your order";
+        let mut big = message("BIG", 10, &[("ann@example.com", true)]);
+        let mut body = b"Subject: order\r\n\r\n".to_vec();
+        for _ in 0..2_000 {
+            body.extend_from_slice(MARKER);
+            body.extend_from_slice(b"\r\n");
+        }
+        big.message.body = Arc::new(body);
+        store.enqueue(&[big]).unwrap();
+        let delivered = OutcomeKind::Delivered {
+            reply: "250 ok".into(),
+        };
+        store
+            .record_outcomes(&[outcome("BIG", "ann@example.com", 11, delivered)])
+            .unwrap();
+        let file_holds_marker = || {
+            let bytes = std::fs::read(dir.path().join("optgate.db")).unwrap();
+            bytes.windows(MARKER.len()).any(|w| w == MARKER)
+        };
+        {
+            let writer = store.writer.lock().unwrap();
+            let secure_delete: i64 = writer
+                .query_row("PRAGMA secure_delete", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(
+                secure_delete, 1,
+                "every other deletion still zeroes its pages"
+            );
+            writer
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .unwrap();
+        }
+        assert!(store.message("BIG").unwrap().is_none());
+        assert!(
+            file_holds_marker(),
+            "the body's freed pages were not zeroed"
+        );
+
+        assert!(store.forget(&addr("ann@example.com"), 12).unwrap());
+        assert!(!file_holds_marker(), "forget zeroed every free page");
+        let wal = std::fs::read(dir.path().join("optgate.db-wal")).unwrap_or_default();
+        assert!(!wal.windows(MARKER.len()).any(|w| w == MARKER));
+        let raw = Connection::open(dir.path().join("optgate.db")).unwrap();
+        let (free, scratch): (i64, i64) = raw
+            .query_row(
+                "SELECT (SELECT freelist_count FROM pragma_freelist_count),
+                        (SELECT count(*) FROM scrub)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert!(
+            free >= 10,
+            "the pages stay free for the next bodies: {free}"
+        );
+        assert_eq!(scratch, 0);
     }
 }
