@@ -11,15 +11,15 @@
 //! the parsed message so that everything the rewrite reads (each part's text,
 //! `encoding`, Content-Transfer-Encoding value, offsets, `is_encoding_problem`, the
 //! text and HTML body lists) is what the full parse gives. Where we cannot be sure of
-//! that (an encoded part mail-parser would have found damaged, an encoded nested
-//! message or multipart), the message is parsed again in full.
+//! that (a part mail-parser finds damaged or would have, a nested message, an
+//! encoded multipart), the message is parsed again in full: rare in bulk mail.
 //!
 //! Why skipping fields changes nothing else: each of mail-parser's field parsers
 //! ends a field where the skipping one does (at a line break not followed by a space
 //! or tab), and only Content-Type, Content-Disposition and Content-Transfer-Encoding
-//! steer the structure. How the body is decoded steers it only where decoding fails:
-//! a part whose decoding fails is flagged damaged and classified differently, so
-//! then we fall back.
+//! steer the structure. How a body is decoded steers it only where decoding fails
+//! (the part is then flagged damaged and classified differently) and inside nested
+//! messages (an encoded one is parsed apart from the stream): there we fall back.
 
 use std::sync::LazyLock;
 
@@ -55,15 +55,19 @@ pub(super) fn structure(raw: &[u8]) -> Result<Option<Message<'_>>, Unsure> {
         return Ok(None);
     };
     for (idx, part) in message.parts.iter_mut().enumerate() {
+        // Where a nested message ends depends on how its own parts were decoded
+        // (mail-parser parses an encoded one apart, a damaged one differently), and
+        // a damaged part may be what a nested message that went wrong leaves: such
+        // messages are parsed in full.
+        if matches!(part.body, PartType::Message(_)) || part.is_encoding_problem {
+            return Err(Unsure);
+        }
         let encoding = transfer_encoding(raw, part)?;
         if encoding == Encoding::None {
             continue;
         }
-        let decodable = matches!(
-            part.body,
-            PartType::Text(_) | PartType::Html(_) | PartType::Binary(_) | PartType::InlineBinary(_)
-        );
-        if part.is_encoding_problem || !decodable {
+        // An encoded multipart: not one mail-parser decodes.
+        if matches!(part.body, PartType::Multipart(_)) {
             return Err(Unsure);
         }
         // Non-text bodies are decoded only to learn that mail-parser could decode them.
