@@ -1020,7 +1020,7 @@ impl Gen {
         if self.chance(25) {
             let at = self.below(out.len() + 1);
             let damage: &[u8] =
-                *self.pick(&[&b"="[..], b"==", b"=G1", b"=4\n1", b" \t\n", b"=\n", b"=4="]);
+                self.pick::<&[u8]>(&[&b"="[..], b"==", b"=G1", b"=4\n1", b" \t\n", b"=\n", b"=4="]);
             out.splice(at..at, damage.iter().copied());
         }
         out
@@ -1036,7 +1036,7 @@ impl Gen {
         }
         if self.chance(15) {
             let at = self.below(out.len() + 1);
-            let damage: &[u8] = *self.pick(&[&b"!"[..], b"--", b" ", b"="]);
+            let damage: &[u8] = self.pick::<&[u8]>(&[&b"!"[..], b"--", b" ", b"="]);
             out.splice(at..at, damage.iter().copied());
         }
         if self.chance(30) {
@@ -1096,7 +1096,7 @@ impl Gen {
             format!("Content-Type: {ctype}{charset}\n")
         };
         if self.chance(10) {
-            head.push_str(*self.pick(&[
+            head.push_str(self.pick::<&str>(&[
                 "Content-Disposition: attachment; filename=a.txt\n",
                 "Content-Disposition: inline; filename=b.html\n",
                 "Content-Disposition: inline\n",
