@@ -1,6 +1,7 @@
 //! Where the link goes in a message body, and each changed text part prepared once
 //! per message as chunks: pre-encoded runs plus the few bytes re-encoded per copy.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use mail_parser::decoders::charsets::map::charset_decoder;
@@ -56,7 +57,7 @@ pub(super) enum Chunk {
 pub(super) struct PartPlan {
     pub kind: Kind,
     pub cte: Cte,
-    pub decoded: String,
+    pub decoded: Decoded,
     pub chunks: Vec<Chunk>,
     /// The original body ended with a line break (a single-part message does; a
     /// part of a multipart leaves its last one to the boundary).
@@ -70,6 +71,14 @@ pub(super) struct PartPlan {
     /// The edit when a 7-bit part must become quoted-printable after all, because a
     /// URL made one of its lines too long.
     pub fallback: PartHeaderEdit,
+}
+
+/// A changed part's decoded text, which its copies re-encode around the URLs.
+#[derive(Debug)]
+pub(super) enum Decoded {
+    /// The body as it is in the message (unencoded UTF-8 or ASCII): not copied.
+    Original(Range<usize>),
+    Owned(String),
 }
 
 /// The URLs of one copy, ready for either kind of part.
@@ -351,18 +360,20 @@ fn is_7bit_text(raw: &[u8]) -> bool {
     !bare_cr && !raw.contains(&0) && longest_line(raw) <= MAX_LINE
 }
 
-/// Plans one part: how it is written and which of its encoded runs are the same in
+/// Plans one part, whose decoded text is `text` (taken out of the parsed message,
+/// not copied): how it is written and which of its encoded runs are the same in
 /// every copy (encoded now, into `owned`). `None` leaves the part as it is.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn plan(
     message: &[u8],
     part: &MessagePart<'_>,
+    text: Cow<'_, str>,
     top: bool,
     kind: Kind,
     events: Vec<Event>,
     footer: &CompiledFooter,
     owned: &mut Vec<u8>,
 ) -> Option<PartPlan> {
-    let text = decoded(part)?;
     let body = part.offset_body as usize..part.offset_end as usize;
     let raw = message.get(body.clone())?;
     let charset = charset_of(part);
@@ -403,7 +414,13 @@ pub(super) fn plan(
         kind,
         cte,
         chunks: chunks(text.as_bytes(), events, cte, owned),
-        decoded: text.to_owned(),
+        decoded: match text {
+            // The same bytes at the same place: the body itself.
+            Cow::Borrowed(t) if t.as_ptr() == raw.as_ptr() && t.len() == raw.len() => {
+                Decoded::Original(body.clone())
+            }
+            text => Decoded::Owned(text.into_owned()),
+        },
         trailing_break: raw.last() == Some(&b'\n'),
         header,
         body,
@@ -469,16 +486,11 @@ fn literal(d: &[u8], a: usize, b: usize, cte: Cte, owned: &mut Vec<u8>, out: &mu
             let head_end = if at_start {
                 a
             } else {
-                d[a..b]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(b, |p| a + p + 1)
+                memchr::memchr(b'\n', &d[a..b]).map_or(b, |p| a + p + 1)
             };
             text(out, a..head_end);
-            let mid_end = d[head_end..b]
-                .iter()
-                .rposition(|&c| c == b'\n')
-                .map_or(head_end, |p| head_end + p + 1);
+            let mid_end =
+                memchr::memrchr(b'\n', &d[head_end..b]).map_or(head_end, |p| head_end + p + 1);
             if mid_end > head_end {
                 let start = owned.len();
                 qp_encode(&d[head_end..mid_end], owned);
@@ -496,8 +508,10 @@ impl PartPlan {
     /// Writes this part's body for one copy. Returns false when a 7-bit part written
     /// as is would get a line over 998 octets: the caller writes it again with
     /// `force_qp`.
+    #[allow(clippy::too_many_arguments)]
     pub fn render(
         &self,
+        original: &[u8],
         owned: &[u8],
         footer: &CompiledFooter,
         urls: &Urls<'_>,
@@ -506,7 +520,10 @@ impl PartPlan {
         scratch: &mut Vec<u8>,
     ) -> bool {
         let cte = if force_qp { Cte::Qp } else { self.cte };
-        let d = self.decoded.as_bytes();
+        let d = match &self.decoded {
+            Decoded::Original(r) => &original[r.clone()],
+            Decoded::Owned(s) => s.as_bytes(),
+        };
         let start = out.len();
         let mut inserted: Vec<Range<usize>> = Vec::new();
         scratch.clear();

@@ -5,6 +5,7 @@ mod body;
 mod footer;
 mod headers;
 mod mime;
+mod parse;
 #[cfg(test)]
 mod tests;
 
@@ -12,7 +13,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use mail_parser::MessageParser;
+use mail_parser::{Message, PartType};
 
 use body::{PartPlan, Urls};
 use footer::html_escape_text;
@@ -111,6 +112,19 @@ impl Prepared {
         now: i64,
         unique: u128,
     ) -> Prepared {
+        Prepared::new_with(parse::parse, shared, footer, hostname, now, unique)
+    }
+
+    /// [`Prepared::new_at`] with the parser given, so that tests can compare ours
+    /// with mail-parser's full parse.
+    fn new_with(
+        parse: fn(&[u8]) -> Option<Message<'_>>,
+        shared: Arc<Vec<u8>>,
+        footer: Arc<CompiledFooter>,
+        hostname: &str,
+        now: i64,
+        unique: u128,
+    ) -> Prepared {
         let message: &[u8] = &shared;
         let header_end = header_block_len(message);
         let rest = &message[header_end..];
@@ -124,20 +138,32 @@ impl Prepared {
             };
         let mut owned = Vec::with_capacity(message.len() + 1024);
 
-        let parsed = MessageParser::default().parse(message);
+        let mut parsed = parse(message);
         let (mut body_link, targets) = match &parsed {
             Some(m) => body::analyse(m),
             None => (BodyLink::NoTextPart, Vec::new()),
         };
         let mut parts = Vec::with_capacity(targets.len());
-        if let Some(m) = &parsed {
+        if let Some(m) = &mut parsed {
             for (idx, kind, events) in targets {
-                let Some(part) = m.parts.get(idx) else {
+                let Some(part) = m.parts.get_mut(idx) else {
                     continue;
                 };
-                if let Some(plan) =
-                    body::plan(message, part, idx == 0, kind, events, &footer, &mut owned)
-                {
+                // Each part is a target once: its text moves into the plan.
+                let (PartType::Text(text) | PartType::Html(text)) = std::mem::take(&mut part.body)
+                else {
+                    continue;
+                };
+                if let Some(plan) = body::plan(
+                    message,
+                    part,
+                    text,
+                    idx == 0,
+                    kind,
+                    events,
+                    &footer,
+                    &mut owned,
+                ) {
                     parts.push(plan);
                 }
             }
@@ -295,6 +321,7 @@ impl Prepared {
                 }
                 Segment::Body(i) => {
                     let fits = self.parts[*i].render(
+                        &self.original,
                         &self.owned,
                         &self.footer,
                         urls,
