@@ -1175,7 +1175,9 @@ mod tests {
     async fn a_reused_connection_the_server_closed_is_replaced_within_the_attempt() {
         let up = fake_upstream::start().await;
         let relay = Relay::new(&smtp_config(up.port), "gw.example.com").unwrap();
-        let first = relay.send("a@example.com", "hangup@example.com", &[MSG]).await;
+        let first = relay
+            .send("a@example.com", "hangup@example.com", &[MSG])
+            .await;
         assert!(first.is_ok(), "{first:?}");
         // Reused at once, without a NOOP: the server is gone, so the copy goes
         // out on a new connection, in this same call.

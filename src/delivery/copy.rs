@@ -3,7 +3,8 @@
 //!
 //! Marketing mail gets List-Unsubscribe headers and a body link; transactional mail
 //! and our own bounce reports get nothing but the removal of X-Optgate-* headers.
-//! Every copy is signed. The work is CPU and SQLite: callers run it on the blocking pool.
+//! Every copy is signed. The work is CPU and a short SQLite read: callers run it in
+//! place for a small message, on the blocking pool for a large one.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -2,8 +2,11 @@
 //! history and the state derived from it, suppressions, events, and the mail queue.
 //!
 //! Every SQL statement lives in a backend file (`sqlite.rs` today). The trait is
-//! synchronous: async callers run it on the blocking pool (`spawn_blocking`), so no
-//! database call ever stalls the runtime.
+//! synchronous: async callers run it on the blocking pool (`spawn_blocking`), so that
+//! no write (an fsync) or long read stalls the runtime. Two short reads are made in
+//! place, where the trip to the pool would cost more than the read: the consent of a
+//! few recipients (`policy`) and, while a small copy is made, its contact id
+//! (`delivery`).
 
 mod sqlite;
 #[cfg(test)]
