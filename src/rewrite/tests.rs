@@ -139,6 +139,17 @@ fn render(message: &[u8], locale: &str) -> Rendered {
     prepare(message, locale).render(&links())
 }
 
+fn render_with_footer(message: &[u8], footer: &Footer) -> Rendered {
+    Prepared::new_at(
+        Arc::new(message.to_vec()),
+        Arc::new(CompiledFooter::new(footer)),
+        "h",
+        NOW,
+        1,
+    )
+    .render(&links())
+}
+
 /// Fixtures are stored with LF endings; optgate holds every message with CRLF.
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/../shared/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -718,14 +729,7 @@ fn the_preferences_line_appears_only_with_a_preference_link() {
         text: "Bye: {unsubscribe_url}\nPrefs: {preferences_url}\n".into(),
         html: "<p><a href=\"{unsubscribe_url}\">bye</a></p>\n<p><a href=\"{preferences_url}\">prefs</a></p>".into(),
     };
-    let out = Prepared::new_at(
-        Arc::new(msg.to_vec()),
-        Arc::new(CompiledFooter::new(&footer)),
-        "h",
-        NOW,
-        1,
-    )
-    .render(&links());
+    let out = render_with_footer(&msg, &footer);
     assert!(
         text_parts(&out.bytes)[0]
             .1
@@ -736,14 +740,7 @@ fn the_preferences_line_appears_only_with_a_preference_link() {
         text: "Thanks for reading.".into(),
         html: String::new(),
     };
-    let out = Prepared::new_at(
-        Arc::new(msg.to_vec()),
-        Arc::new(CompiledFooter::new(&footer)),
-        "h",
-        NOW,
-        1,
-    )
-    .render(&links());
+    let out = render_with_footer(&msg, &footer);
     let text = &text_parts(&out.bytes)[0].1;
     assert!(
         text.ends_with(&format!("\r\n\r\nThanks for reading.\r\n{URL}\r\n")),

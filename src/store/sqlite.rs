@@ -1440,6 +1440,14 @@ mod tests {
         SqliteStore::open(&dir.path().join("optgate.db"), true).unwrap()
     }
 
+    /// The schema version a database file is at, read as any SQLite client would.
+    fn schema_version(path: &Path) -> usize {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
+
     #[test]
     fn only_delivery_outcomes_are_committed_without_fsync() {
         let dir = tempfile::tempdir().unwrap();
@@ -2085,10 +2093,7 @@ mod tests {
             store.message("M1").unwrap().unwrap().body.as_slice(),
             b"Subject: M1\r\n\r\nHello\r\n"
         );
-        let raw = Connection::open(&path).unwrap();
-        let version: usize = raw
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let version = schema_version(&path);
         assert_eq!(version, MIGRATIONS.len());
     }
 
@@ -2891,10 +2896,7 @@ mod tests {
             )
             .unwrap_err();
         assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
-        let raw = Connection::open(&path).unwrap();
-        let version: usize = raw
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let version = schema_version(&path);
         assert_eq!(version, 3);
     }
 
@@ -2930,10 +2932,7 @@ mod tests {
             .unwrap();
         assert!(store.message("OLD").unwrap().is_none());
         assert!(store.forget(&addr("ann@example.com"), 7).unwrap());
-        let raw = Connection::open(&path).unwrap();
-        let version: usize = raw
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let version = schema_version(&path);
         assert_eq!(version, MIGRATIONS.len());
     }
 
