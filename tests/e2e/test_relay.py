@@ -5,7 +5,7 @@ that start with a dot must arrive exactly as submitted wherever they fall, and t
 copy must still verify. The edges the gateway never produces (a copy that starts
 with a dot or does not end with CRLF) are covered by the unit tests in src/relay.rs."""
 
-from helpers import PURPOSES, deliver, dkim_verify, generated_dkim_record, make_message, unique
+from helpers import PURPOSES, deliver, dkim_verify, generated_dkim_record, make_message, reply_counts, submit, unique
 
 WRITE_BUFFER = 64 * 1024
 
@@ -33,3 +33,29 @@ def test_lines_starting_with_a_dot_arrive_intact_and_the_copy_verifies(launch, u
     assert copy.data.split(b"\r\n\r\n", 1)[1] == body
     name, text = generated_dkim_record(gate, "example.com")
     dkim_verify(copy.data, {name: text})
+
+
+def test_a_large_message_to_many_recipients_gets_a_signed_copy_for_each_lawful_one(launch, upstream):
+    """Above 8 recipients, consent is read on the blocking pool, and a copy of a message
+    over 256 KiB is made there too (small ones are made in place): the same result
+    must come out. 10 opted in, 2 never asked; each opted-in recipient gets a
+    300 KB copy with its unsubscribe link that verifies with dkimpy."""
+    gate = launch(upstream.port)
+    token = unique("large-many")
+    opted_in = [f"r{i}.{token}@example.net" for i in range(10)]
+    never_asked = [f"n{i}.{token}@example.net" for i in range(2)]
+    for rcpt in opted_in:
+        gate.cli_ok("consent", "grant", rcpt, PURPOSES["consent"])
+    body = "A long newsletter line, written many times over to pass 256 KiB.\r\n" * 4_600
+    assert len(body) > 300_000
+
+    reply = submit(gate.smtp_port, opted_in + never_asked, make_message(token, purpose=PURPOSES["consent"], body=body))
+
+    assert reply.code == 250 and reply_counts(reply.text) == (10, 2), reply
+    copies = upstream.wait_for(token=token, count=10)
+    assert sorted(r for c in copies for r in c.rcpt_tos) == sorted(opted_in)
+    name, text = generated_dkim_record(gate, "example.com")
+    for copy in copies:
+        assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" in copy.data
+        assert len(copy.data) > len(body)
+        dkim_verify(copy.data, {name: text})
