@@ -3,8 +3,9 @@
 //!
 //! Marketing mail gets List-Unsubscribe headers and a body link; transactional mail
 //! and our own bounce reports get nothing but the removal of X-Optgate-* headers.
-//! Every copy is signed. The work is CPU and a short SQLite read: callers run it in
-//! place for a small message, on the blocking pool for a large one.
+//! Every copy is signed. The work is CPU: the recipient's contact number comes with
+//! the delivery (it is read from the store only if their contact row has vanished).
+//! Callers run it in place for a small message, on the blocking pool for a large one.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -110,12 +111,14 @@ impl CopyMaker {
         }
     }
 
-    /// The signed copy for `recipient`.
+    /// The signed copy for `recipient`, whose contact number is looked up when the
+    /// queue did not give it.
     pub fn make(
         &self,
         template: &Template,
         message: &QueuedMessage,
         recipient: &str,
+        contact: Option<i64>,
     ) -> Result<Copy, CopyError> {
         let (unsigned, notes) = match template {
             Template::AsIs => (rewrite::transactional(&message.body), String::new()),
@@ -123,9 +126,13 @@ impl CopyMaker {
                 purpose_tag,
                 prepared,
             } => {
-                let address =
-                    Address::parse(recipient).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                let contact = self.store.contact_id(&address)?;
+                let contact = match contact {
+                    Some(id) => id,
+                    None => self.store.contact_id(
+                        &Address::parse(recipient)
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                    )?,
+                };
                 let subject = u64::try_from(contact)
                     .map_err(|_| StoreError::Corrupt(format!("contact id {contact}")))?;
                 let token = self.tokens.issue(Claims {

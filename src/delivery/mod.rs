@@ -114,6 +114,8 @@ pub fn start(
 struct Delivery {
     message_id: Arc<str>,
     recipient: String,
+    /// The recipient's contact number, when known: their copy's links carry it.
+    contact: Option<i64>,
     /// Attempts already made.
     attempts: u32,
 }
@@ -298,6 +300,7 @@ impl Scheduler {
                 Delivery {
                     message_id,
                     recipient: p.recipient,
+                    contact: p.contact,
                     attempts: p.attempts,
                 },
             );
@@ -368,10 +371,11 @@ impl Scheduler {
             };
             self.slots.insert(id.clone(), slot);
         }
-        for recipient in recipients {
+        for (recipient, contact) in recipients {
             self.push_due(Delivery {
                 message_id: id.clone(),
                 recipient,
+                contact: Some(contact),
                 attempts: 0,
             });
         }
@@ -755,10 +759,14 @@ async fn attempt(
     let Ok(core) = cpu.acquire().await else {
         return unavailable(delivery, "the copy makers are closed".into());
     };
-    let (m, recipient) = (message.clone(), delivery.recipient.clone());
+    let (m, recipient, contact) = (
+        message.clone(),
+        delivery.recipient.clone(),
+        delivery.contact,
+    );
     let make = move || {
         let template = template.get_or_init(|| copies.template(&m));
-        copies.make(template, &m, &recipient)
+        copies.make(template, &m, &recipient, contact)
     };
     let made = if message.body.len() <= IN_PLACE_COPY_MAX {
         Ok(make())

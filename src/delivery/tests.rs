@@ -71,10 +71,24 @@ struct Running {
     shutdown: CancellationToken,
 }
 
+/// The keys the copies' tokens are signed with.
+fn tokens() -> TokenKeys {
+    TokenKeys::new(vec![TokenKey::new(1, &[7u8; 32], None).unwrap()]).unwrap()
+}
+
+/// The contact number the copy's List-Unsubscribe link names.
+fn unsubscribes(copy: &str) -> u64 {
+    let token = copy.split("/u/").nth(1).and_then(|t| t.split('>').next());
+    tokens()
+        .verify(token.unwrap(), clock::now())
+        .unwrap()
+        .subject
+}
+
 fn run(config: Arc<Config>, store: Arc<Flaky>) -> Running {
     let dyn_store: Arc<dyn Store> = store.clone();
     let relay = Relay::new(&config.upstream, &config.smtp.hostname).unwrap();
-    let tokens = TokenKeys::new(vec![TokenKey::new(1, &[7u8; 32], None).unwrap()]).unwrap();
+    let tokens = tokens();
     // No key configured and none generated: copies go out unsigned.
     let dkim = KeyRing::load(&config.dkim, &config.storage.data_dir).unwrap();
     let copies = CopyMaker::new(
@@ -178,12 +192,24 @@ async fn committed_messages_are_delivered_without_reading_the_store() {
     for rcpt in rcpts {
         match result(&store, rcpt) {
             Some((kind, reply)) if kind == "delivered" => {
-                assert!(reply.starts_with("written to "), "{reply}")
+                // "written to PATH (body link: …)"
+                let path = reply
+                    .strip_prefix("written to ")
+                    .and_then(|r| r.split(' ').next());
+                let copy = std::fs::read_to_string(path.expect(&reply)).unwrap();
+                // Each copy names its own recipient, by the number the queue gave.
+                let contact = store.contact_id(&addr(rcpt)).unwrap();
+                assert_eq!(unsubscribes(&copy), contact as u64, "{rcpt}");
             }
             other => panic!("{rcpt}: {other:?}"),
         }
     }
     assert_eq!(store.calls(Op::Message), 0, "the body came with Ready");
+    assert_eq!(
+        store.calls(Op::ContactId),
+        rcpts.len(),
+        "only this test's own lookups: the queue gave each copy its contact"
+    );
     let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert_eq!(files.len(), 3);
     for f in files {
@@ -218,6 +244,11 @@ async fn resumed_messages_are_read_once_and_not_sent_twice() {
     })
     .await;
     assert_eq!(store.calls(Op::Message), 1, "one read for ten recipients");
+    assert_eq!(
+        store.calls(Op::ContactId),
+        0,
+        "the pending deliveries came with their contacts"
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     for rcpt in &rcpts {
         let kinds: Vec<String> = results(&store, rcpt).into_iter().map(|e| e.kind).collect();

@@ -34,7 +34,8 @@ pub enum SpoolError {
 #[derive(Debug, Clone)]
 pub struct Ready {
     pub message: QueuedMessage,
-    pub recipients: Vec<String>,
+    /// Each allowed recipient, with their contact number (what their links carry).
+    pub recipients: Vec<(String, i64)>,
 }
 
 struct Job {
@@ -88,20 +89,20 @@ async fn write_loop(
         let (messages, waiters): (Vec<NewMessage>, Vec<_>) =
             jobs.drain(..).map(|j| (j.message, j.done)).unzip();
         let store = store.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || store.enqueue(&messages).map(|()| messages))
-                .await
-                .unwrap_or_else(|e| {
-                    Err(StoreError::Internal(format!("spool writer panicked: {e}")))
-                });
+        let committed = tokio::task::spawn_blocking(move || {
+            store.enqueue(&messages).map(|ids| (messages, ids))
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Internal(format!("spool writer panicked: {e}"))));
         match committed {
-            Ok(messages) => {
-                for m in messages {
-                    let recipients: Vec<String> = m
+            Ok((messages, contacts)) => {
+                for (m, contacts) in messages.into_iter().zip(contacts) {
+                    let recipients: Vec<(String, i64)> = m
                         .recipients
                         .iter()
                         .filter(|r| r.allowed)
                         .map(|r| r.address.to_string())
+                        .zip(contacts)
                         .collect();
                     if !recipients.is_empty() {
                         // Delivery gone means we are shutting down: the queue resumes it.

@@ -3,10 +3,10 @@
 //!
 //! Every SQL statement lives in a backend file (`sqlite.rs` today). The trait is
 //! synchronous: async callers run it on the blocking pool (`spawn_blocking`), so that
-//! no write (an fsync) or long read stalls the runtime. Two short reads are made in
+//! no write (an fsync) or long read stalls the runtime. One short read is made in
 //! place, where the trip to the pool would cost more than the read: the consent of a
-//! few recipients (`policy`) and, while a small copy is made, its contact id
-//! (`delivery`).
+//! few recipients (`policy`). A copy's contact number comes with its delivery (from
+//! `enqueue` or `pending_deliveries`), so making a copy reads nothing.
 
 mod sqlite;
 #[cfg(test)]
@@ -160,6 +160,8 @@ pub struct NewMessage {
 pub struct PendingDelivery {
     pub message_id: String,
     pub recipient: String,
+    /// The recipient's contact number; None only if the contact is gone.
+    pub contact: Option<i64>,
     pub attempts: u32,
     pub next_attempt_at: i64,
 }
@@ -309,8 +311,9 @@ pub trait Store: Send + Sync + 'static {
     // ---- the queue
     /// Stores messages, their deliveries (allowed recipients, who become contacts)
     /// and every decision event in one durable transaction. A message with no allowed recipient leaves
-    /// only its decision events.
-    fn enqueue(&self, batch: &[NewMessage]) -> Result<(), StoreError>;
+    /// only its decision events. Returns, per message, the contact number of each
+    /// allowed recipient in envelope order, so that their copies need not look it up.
+    fn enqueue(&self, batch: &[NewMessage]) -> Result<Vec<Vec<i64>>, StoreError>;
     /// Every delivery not yet delivered or failed, for resuming after a restart.
     fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StoreError>;
     /// The message's envelope and body, or None once it has been fully delivered.

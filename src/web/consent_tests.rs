@@ -294,7 +294,14 @@ async fn a_sign_up_queues_the_confirmation_mail_and_allows_nothing_yet() {
     let queued = f.queued().await;
     assert_eq!(queued.len(), 1);
     let mail = &queued[0];
-    assert_eq!(mail.recipients, vec!["carol@example.net".to_string()]);
+    let carol = f
+        .store
+        .contact_id(&Address::parse("carol@example.net").unwrap())
+        .unwrap();
+    assert_eq!(
+        mail.recipients,
+        vec![("carol@example.net".to_string(), carol)]
+    );
     assert_eq!(mail.message.purpose, "confirmation");
     assert_eq!(mail.message.sender, "bounces@example.com");
     let text = String::from_utf8_lossy(&mail.message.body);
