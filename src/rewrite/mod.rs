@@ -6,6 +6,7 @@ mod footer;
 mod headers;
 mod mime;
 mod parse;
+mod scan;
 #[cfg(test)]
 mod tests;
 

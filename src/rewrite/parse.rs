@@ -51,7 +51,9 @@ pub(super) fn parse(raw: &[u8]) -> Option<Message<'_>> {
 
 /// [`parse`] without the fallback: `Err` where it would parse in full.
 pub(super) fn structure(raw: &[u8]) -> Result<Option<Message<'_>>, Unsure> {
-    let Some(mut message) = STRUCTURE.parse(raw) else {
+    let Some(mut message) =
+        super::scan::structure(raw, &STRUCTURE).or_else(|| STRUCTURE.parse(raw))
+    else {
         return Ok(None);
     };
     for (idx, part) in message.parts.iter_mut().enumerate() {

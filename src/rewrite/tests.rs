@@ -1306,3 +1306,48 @@ fn a_signed_message_stays_untouched_on_our_path() {
     let body = header_block_len(&msg);
     assert!(out.bytes.ends_with(&msg[body..]));
 }
+
+#[test]
+fn the_boundary_scan_agrees_with_mail_parser_on_generated_messages_and_near_misses() {
+    let mut generate = Gen(0x2545_f491_4f6c_dd1d);
+    let (mut fast, total) = (0, 2000);
+    for _ in 0..total {
+        let mut lf = generate.message(0);
+        // Near misses, around a line that starts with `--`: a delimiter pushed inside
+        // its line, padded, followed by text, no longer one, or the message cut there.
+        let starts: Vec<usize> = (1..lf.len())
+            .filter(|&i| lf[i - 1] == b'\n' && lf[i..].starts_with(b"--"))
+            .collect();
+        if !starts.is_empty() && generate.chance(40) {
+            let at = *generate.pick(&starts);
+            let line_end = lf[at..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(lf.len(), |i| at + i);
+            match generate.below(5) {
+                0 => lf.insert(at, b'x'),
+                1 => {
+                    let padding: &[u8] = generate.pick::<&[u8]>(&[b" \t", b"\r"]);
+                    lf.splice(line_end..line_end, padding.iter().copied());
+                }
+                2 => lf.insert(line_end, b'y'),
+                3 => lf.drain(at..at + 2).for_each(drop),
+                _ => lf.truncate(at + generate.below(line_end - at + 1)),
+            }
+        }
+        let message = match generate.below(10) {
+            0..=6 => crlf(&lf),
+            7 | 8 => lf,
+            _ => {
+                let mut m = crlf(&lf[..lf.len() / 2]);
+                m.extend_from_slice(&lf[lf.len() / 2..]);
+                m
+            }
+        };
+        if scan::tests::agrees(&message) {
+            fast += 1;
+        }
+    }
+    // The test cannot pass by declining everything.
+    assert!(fast > total / 2, "{fast} of {total}");
+}
