@@ -32,7 +32,7 @@ use mail_parser::{
 use super::mime::qp_decode;
 
 /// The fields the structure needs parsed; every other field is skipped.
-static STRUCTURE: LazyLock<MessageParser> = LazyLock::new(|| {
+pub(super) static STRUCTURE: LazyLock<MessageParser> = LazyLock::new(|| {
     MessageParser::new()
         .header_content_type(HeaderName::ContentType)
         .header_content_type(HeaderName::ContentDisposition)

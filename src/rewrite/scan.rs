@@ -414,15 +414,7 @@ fn transfer_encoded(raw: &[u8], headers: &[Header<'_>]) -> bool {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use std::sync::LazyLock;
-
-    /// Configured as parse.rs's `STRUCTURE`, the only parser `structure` follows.
-    static STRUCTURE: LazyLock<MessageParser> = LazyLock::new(|| {
-        MessageParser::new()
-            .header_content_type(HeaderName::ContentType)
-            .header_content_type(HeaderName::ContentDisposition)
-            .default_header_ignore()
-    });
+    use crate::rewrite::parse::STRUCTURE;
 
     /// [`structure`] declines the message or gives exactly what mail-parser gives,
     /// but for the text of transfer-encoded text parts, which it leaves empty.
