@@ -41,41 +41,27 @@ pub(super) fn qp_encode(text: &[u8], out: &mut Vec<u8>) {
     qp_line(&text[start..], out);
 }
 
-/// One line, without its break: runs of literal bytes are copied a word at a time,
-/// soft breaks keep every line within 76 octets and never split an `=XX`. Each
-/// encoded line is built in a buffer on the stack and appended whole, so that the
-/// short runs and escapes between them cost stores rather than calls.
+/// One line, without its break: runs of literal bytes are copied whole, soft breaks
+/// keep every line within 76 octets and never split an `=XX`.
 fn qp_line(line: &[u8], out: &mut Vec<u8>) {
-    // Room for a whole word written at any column where a literal run may start.
-    let mut buf = [0u8; QP_LINE + 8];
     let n = line.len();
     let mut col = 0;
     let mut i = 0;
     while i < n {
-        // Literal bytes that fit before a soft break would be needed; the line's
-        // last byte is left to the check below, as whitespace there is encoded.
+        // Literal bytes that fit before a soft break would be needed, eight at a
+        // time while they can be; the line's last byte is left to the check below,
+        // as whitespace there is encoded.
         let stop = (n - 1).min(i + (QP_LINE - 1).saturating_sub(col));
-        while i < stop {
-            let Some(w) = word(line, i) else {
-                for &b in line[i..stop]
-                    .iter()
-                    .take_while(|&&b| QP_LITERAL[usize::from(b)])
-                {
-                    buf[col] = b;
-                    col += 1;
-                    i += 1;
-                }
-                break;
-            };
-            let literal = first_flagged(not_printable(w));
-            let run = literal.min(stop - i);
-            buf[col..col + 8].copy_from_slice(&w.to_le_bytes());
-            col += run;
-            i += run;
-            if literal < 8 {
-                break;
-            }
+        let mut j = i;
+        while j + 8 <= stop && all_printable(&line[j..j + 8]) {
+            j += 8;
         }
+        while j < stop && QP_LITERAL[usize::from(line[j])] {
+            j += 1;
+        }
+        out.extend_from_slice(&line[i..j]);
+        col += j - i;
+        i = j;
         let b = line[i];
         let last = i + 1 == n;
         let literal = QP_LITERAL[usize::from(b)] && !(last && matches!(b, b' ' | b'\t'));
@@ -84,23 +70,17 @@ fn qp_line(line: &[u8], out: &mut Vec<u8>) {
         // the `=` of a soft break after it.
         let limit = if last { QP_LINE } else { QP_LINE - 1 };
         if col + width > limit {
-            out.extend_from_slice(&buf[..col]);
             out.extend_from_slice(b"=\r\n");
             col = 0;
         }
         if literal {
-            buf[col] = b;
+            out.push(b);
         } else {
-            buf[col..col + 3].copy_from_slice(&[
-                b'=',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 15)],
-            ]);
+            out.extend_from_slice(&[b'=', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
         }
         col += width;
         i += 1;
     }
-    out.extend_from_slice(&buf[..col]);
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -112,19 +92,6 @@ fn word(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(w))
 }
 
-/// The number of bytes of a word before the first one flagged by a mask of the
-/// kind below (8 when none is).
-fn first_flagged(mask: u64) -> usize {
-    (mask.trailing_zeros() / 8) as usize
-}
-
-/// Appends the first `keep` bytes of `w`: the whole word is written and the rest
-/// cut off again, which costs a store where a copy of a few bytes costs a call.
-fn push_prefix(out: &mut Vec<u8>, w: u64, keep: usize) {
-    out.extend_from_slice(&w.to_le_bytes());
-    out.truncate(out.len() - 8 + keep);
-}
-
 /// High bit set in the lowest byte of `w` that equals `b` (higher bytes may be
 /// flagged wrongly, the lowest flagged one never is).
 fn bytes_equal(w: u64, b: u8) -> u64 {
@@ -132,32 +99,34 @@ fn bytes_equal(w: u64, b: u8) -> u64 {
     x.wrapping_sub(ONES) & !x & HIGHS
 }
 
-/// High bit set in the lowest byte of `w` that is not printable ASCII (space
-/// included) other than `=`, as [`bytes_equal`] does: the bytes written as
+/// All eight bytes are printable ASCII (space included) other than `=`: written as
 /// themselves in quoted-printable anywhere but at the end of a line.
-fn not_printable(w: u64) -> u64 {
+fn all_printable(bytes: &[u8]) -> bool {
+    let Some(w) = word(bytes, 0) else {
+        return false;
+    };
     let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
     // A byte of 0x7f or more, give or take a carry that only flags a byte too many.
     let above_tilde = (w.wrapping_add(ONES) | w) & HIGHS;
-    below_space | above_tilde | bytes_equal(w, b'=')
+    (below_space | above_tilde | bytes_equal(w, b'=')) == 0
 }
 
-/// Each byte's value as a hex digit, in either case as mail-parser takes them, or
-/// [`NOT_HEX`].
-const HEX_VALUE: [u8; 256] = {
-    let mut t = [NOT_HEX; 256];
-    let mut d = 0;
-    while d < 16 {
-        t[HEX[d] as usize] = d as u8;
-        t[HEX[d].to_ascii_lowercase() as usize] = d as u8;
-        d += 1;
+/// The first `=`, CR or LF in `hay`: what quoted-printable decoding stops at. Runs
+/// between them are short (an escape every few bytes in HTML), too short for
+/// memchr's setup to pay off, so a word at a time.
+fn find_special(hay: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(w) = word(hay, at) {
+        let hits = bytes_equal(w, b'=') | bytes_equal(w, b'\n') | bytes_equal(w, b'\r');
+        if hits != 0 {
+            return Some(at + (hits.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
     }
-    t
-};
-const NOT_HEX: u8 = 0xff;
-
-fn hex_value(b: u8) -> Option<u8> {
-    Some(HEX_VALUE[usize::from(b)]).filter(|&v| v != NOT_HEX)
+    hay[at..]
+        .iter()
+        .position(|&b| matches!(b, b'=' | b'\n' | b'\r'))
+        .map(|p| at + p)
 }
 
 /// A quoted-printable body decoded the way mail-parser 0.11 decodes one
@@ -172,139 +141,93 @@ pub(super) struct QpDecoded {
 /// Decodes quoted-printable exactly as mail-parser 0.11 does for a part's body, its
 /// tolerance of malformed input included (an `=` before a character that is not a
 /// hex digit is kept as text, a CR is dropped, an escape half-done at a line break
-/// completes on the next line), but copies the runs between `=` and line breaks a
-/// word at a time and takes well-formed escapes and soft breaks whole, where
-/// mail-parser goes a byte at a time. `None` where mail-parser gives up on the part
-/// (an `=` inside an escape): its caller treats the part as damaged.
+/// completes on the next line), but copies the runs between `=` and line breaks in
+/// bulk where mail-parser goes a byte at a time. `None` where mail-parser gives up on
+/// the part (an `=` inside an escape): its caller treats the part as damaged.
 ///
 /// `data` ends where mail-parser's decoding would stop, the delimiter line not
 /// included; the caller applies mail-parser's trimming at the delimiter.
 pub(super) fn qp_decode(data: &[u8]) -> Option<QpDecoded> {
-    let mut d = QpDecoder {
-        out: Vec::with_capacity(data.len()),
-        crlf: false,
-        copied_from: 0,
-    };
+    #[derive(Clone, Copy)]
+    enum State {
+        Text,
+        Equals,
+        /// The first hex digit of an escape.
+        Escape(u8),
+    }
+    let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(data.len());
+    let mut crlf = false;
+    // Bytes copied as they are since the last escape or line break: their trailing
+    // whitespace is dropped at a hard line break.
+    let mut copied_from = 0;
+    let mut state = State::Text;
     let mut i = 0;
-    loop {
-        i = d.copy_text(data, i);
-        let Some(&b) = data.get(i) else { break };
-        i = match b {
-            b'\n' => {
-                d.hard_break();
-                i + 1
-            }
-            b'\r' => {
-                d.crlf = true;
-                i + 1
-            }
-            _ => d.escape(data, i + 1)?,
-        };
-    }
-    Some(QpDecoded {
-        bytes: d.out,
-        crlf: d.crlf,
-    })
-}
-
-struct QpDecoder {
-    out: Vec<u8>,
-    crlf: bool,
-    /// Where the bytes copied as they are since the last escape or line break
-    /// start: their trailing whitespace is dropped at a hard line break.
-    copied_from: usize,
-}
-
-impl QpDecoder {
-    /// Copies text up to the first `=`, CR or LF from `at` and returns where that is
-    /// (or the end). Runs between them are short (an escape every few bytes in
-    /// HTML), too short for memchr's setup to pay off, so a word at a time.
-    fn copy_text(&mut self, data: &[u8], mut at: usize) -> usize {
-        while let Some(w) = word(data, at) {
-            let hits = bytes_equal(w, b'=') | bytes_equal(w, b'\n') | bytes_equal(w, b'\r');
-            let run = first_flagged(hits);
-            push_prefix(&mut self.out, w, run);
-            at += run;
-            if run < 8 {
-                return at;
-            }
-        }
-        let run = data[at..]
-            .iter()
-            .position(|&b| matches!(b, b'=' | b'\n' | b'\r'))
-            .unwrap_or(data.len() - at);
-        self.out.extend_from_slice(&data[at..at + run]);
-        at + run
-    }
-
-    /// What follows an `=` that ends at `at`; returns where text resumes.
-    fn escape(&mut self, data: &[u8], at: usize) -> Option<usize> {
-        // The common shapes whole: an escape, a soft line break.
-        let resume = match data.get(at..at + 2) {
-            Some(&[hi, lo]) if let Some((hi, lo)) = hex_value(hi).zip(hex_value(lo)) => {
-                self.out.push(hi << 4 | lo);
-                at + 2
-            }
-            Some(&[b'\n', _]) => at + 1,
-            Some(b"\r\n") => {
-                self.crlf = true;
-                at + 2
-            }
-            _ => return self.escape_bytewise(data, at),
-        };
-        self.copied_from = self.out.len();
-        Some(resume)
-    }
-
-    /// mail-parser's state machine a byte at a time from just after an `=`, for
-    /// what the shapes above do not cover; returns where text resumes, `None` for
-    /// an `=` inside an escape.
-    fn escape_bytewise(&mut self, data: &[u8], at: usize) -> Option<usize> {
-        // The first hex digit of an escape, once seen.
-        let mut first = None;
-        for (i, &b) in data.iter().enumerate().skip(at) {
-            match (first, b) {
-                (_, b'=') => return None,
-                (_, b'\r') => self.crlf = true,
-                // A soft line break.
-                (None, b'\n') => {
-                    self.copied_from = self.out.len();
-                    return Some(i + 1);
-                }
-                // mail-parser keeps the half escape across the break.
-                (Some(_), b'\n') => self.hard_break(),
-                (None, _) if hex_value(b).is_some() => first = Some(b),
-                (None, b' ' | b'\t' | 0x0c) => {}
-                (None, _) => {
-                    self.out.extend_from_slice(&[b'=', b]);
-                    self.copied_from = self.out.len();
-                    return Some(i + 1);
-                }
-                (Some(first), _) => {
-                    match hex_value(first).zip(hex_value(b)) {
-                        Some((hi, lo)) => self.out.push(hi << 4 | lo),
-                        // What precedes `b` may be a CR or LF rather than `first`.
-                        None => self.out.extend_from_slice(&[b'=', data[i - 1], b]),
+    while i < data.len() {
+        let escape = match state {
+            State::Text => {
+                let run = find_special(&data[i..]).unwrap_or(data.len() - i);
+                out.extend_from_slice(&data[i..i + run]);
+                i += run;
+                match data.get(i) {
+                    None => break,
+                    Some(b'=') => state = State::Equals,
+                    Some(b'\n') => {
+                        hard_break(&mut out, copied_from, crlf);
+                        copied_from = out.len();
                     }
-                    self.copied_from = self.out.len();
-                    return Some(i + 1);
+                    Some(_) => crlf = true,
                 }
+                i += 1;
+                continue;
+            }
+            State::Equals => None,
+            State::Escape(first) => Some(first),
+        };
+        let b = data[i];
+        match (escape, b) {
+            (_, b'=') => return None,
+            (_, b'\r') => crlf = true,
+            // A soft line break.
+            (None, b'\n') => {
+                state = State::Text;
+                copied_from = out.len();
+            }
+            // mail-parser keeps the half escape across the break.
+            (Some(_), b'\n') => {
+                hard_break(&mut out, copied_from, crlf);
+                copied_from = out.len();
+            }
+            (None, _) if hex(b).is_some() => state = State::Escape(b),
+            (None, b' ' | b'\t' | 0x0c) => {}
+            (None, _) => {
+                out.extend_from_slice(&[b'=', b]);
+                copied_from = out.len();
+                state = State::Text;
+            }
+            (Some(first), _) => {
+                match hex(first).zip(hex(b)) {
+                    Some((hi, lo)) => out.push(hi << 4 | lo),
+                    // What precedes `b` may be a CR or LF rather than `first`.
+                    None => out.extend_from_slice(&[b'=', data[i - 1], b]),
+                }
+                copied_from = out.len();
+                state = State::Text;
             }
         }
-        Some(data.len())
+        i += 1;
     }
+    Some(QpDecoded { bytes: out, crlf })
+}
 
-    /// A hard line break: whitespace copied just before it goes.
-    fn hard_break(&mut self) {
-        let kept = self.out[self.copied_from..]
-            .iter()
-            .rposition(|&b| !matches!(b, b' ' | b'\t' | 0x0c))
-            .map_or(self.copied_from, |p| self.copied_from + p + 1);
-        self.out.truncate(kept);
-        self.out
-            .extend_from_slice(if self.crlf { b"\r\n" } else { b"\n" });
-        self.copied_from = self.out.len();
-    }
+/// A hard line break while decoding: whitespace copied just before it goes.
+fn hard_break(out: &mut Vec<u8>, copied_from: usize, crlf: bool) {
+    let kept = out[copied_from..]
+        .iter()
+        .rposition(|&b| !matches!(b, b' ' | b'\t' | 0x0c))
+        .map_or(copied_from, |p| copied_from + p + 1);
+    out.truncate(kept);
+    out.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
 }
 
 /// Base64 in lines of 76 characters separated by CRLF. `final_break` adds a CRLF
@@ -525,7 +448,7 @@ mod tests {
         assert!(damaged > 100 && damaged < 2900, "{damaged}");
     }
 
-    /// Every short sequence of the pieces the decoder's shortcuts tell apart (an
+    /// Every short sequence of the pieces quoted-printable decoding tells apart (an
     /// escape in either case, soft breaks, `=` before a CR alone or at the very
     /// end, an escape split by a break, 8-bit bytes), after text that ends in the
     /// middle of a word and after text that fills words: mail-parser decodes them
