@@ -102,16 +102,24 @@ fn transfer_encoding<'a>(raw: &'a [u8], part: &mut MessagePart<'a>) -> Result<En
         let value = raw
             .get(field.offset_start as usize..field.offset_end as usize)
             .ok_or(Unsure)?;
-        field.value = MessageStream::new(value).parse_unstructured();
-        encoding = match &field.value {
-            HeaderValue::Text(v) if v.eq_ignore_ascii_case("base64") => Encoding::Base64,
-            HeaderValue::Text(v) if v.eq_ignore_ascii_case("quoted-printable") => {
-                Encoding::QuotedPrintable
-            }
-            _ => Encoding::None,
-        };
+        (field.value, encoding) = read_transfer_encoding(value);
     }
     Ok(encoding)
+}
+
+/// A Content-Transfer-Encoding field's value (its raw bytes) as the full parse reads
+/// it, and the encoding that names: `None` for anything but base64 and
+/// quoted-printable, which is what mail-parser decodes.
+pub(super) fn read_transfer_encoding(value: &[u8]) -> (HeaderValue<'_>, Encoding) {
+    let parsed = MessageStream::new(value).parse_unstructured();
+    let encoding = match &parsed {
+        HeaderValue::Text(v) if v.eq_ignore_ascii_case("base64") => Encoding::Base64,
+        HeaderValue::Text(v) if v.eq_ignore_ascii_case("quoted-printable") => {
+            Encoding::QuotedPrintable
+        }
+        _ => Encoding::None,
+    };
+    (parsed, encoding)
 }
 
 /// The part's body decoded as mail-parser decodes it while it looks for the part's

@@ -28,6 +28,8 @@ use mail_parser::{
 };
 use memchr::memmem::Finder;
 
+use super::parse::read_transfer_encoding;
+
 /// Multipart levels followed (mixed > related > alternative is three); deeper
 /// structures are left to mail-parser, which also bounds our recursion on a
 /// peer's input.
@@ -386,29 +388,15 @@ fn content_type<'a>(headers: &'a [Header<'_>]) -> Option<&'a ContentType<'a>> {
 }
 
 /// Whether parse.rs decodes this part and replaces its text: its last
-/// Content-Transfer-Encoding field is `base64` or `quoted-printable`. Stricter
-/// than parse.rs's reading (no encoded words, no odd whitespace), so that a text
-/// left empty here is always replaced; a part it misses merely gets its text
-/// twice.
+/// Content-Transfer-Encoding field names base64 or quoted-printable, read as
+/// parse.rs reads it, so that every text left empty here is filled there.
 fn transfer_encoded(raw: &[u8], headers: &[Header<'_>]) -> bool {
-    let is_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
     headers
         .iter()
         .rev()
         .find(|h| h.name == HeaderName::ContentTransferEncoding)
         .and_then(|h| raw.get(h.offset_start as usize..h.offset_end as usize))
-        .is_some_and(|value| {
-            let start = value
-                .iter()
-                .position(|b| !is_space(b))
-                .unwrap_or(value.len());
-            let end = value
-                .iter()
-                .rposition(|b| !is_space(b))
-                .map_or(start, |i| i + 1);
-            let value = &value[start..end];
-            value.eq_ignore_ascii_case(b"base64") || value.eq_ignore_ascii_case(b"quoted-printable")
-        })
+        .is_some_and(|value| read_transfer_encoding(value).1 != Encoding::None)
 }
 
 #[cfg(test)]
