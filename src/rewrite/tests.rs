@@ -913,6 +913,20 @@ fn locales_pick_the_wording() {
 struct Gen(u64);
 
 impl Gen {
+    /// The message with CRLF line endings mostly, LF ones sometimes, and now and then
+    /// CRLF for its first half only.
+    fn line_endings(&mut self, lf: Vec<u8>) -> Vec<u8> {
+        match self.below(10) {
+            0..=6 => crlf(&lf),
+            7 | 8 => lf,
+            _ => {
+                let mut m = crlf(&lf[..lf.len() / 2]);
+                m.extend_from_slice(&lf[lf.len() / 2..]);
+                m
+            }
+        }
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
@@ -1187,16 +1201,7 @@ fn our_parse_matches_mail_parsers_full_parse_on_generated_messages() {
     let (mut fast, total) = (0, 1500);
     for _ in 0..total {
         let lf = generate.message(0);
-        let message = match generate.below(10) {
-            0..=6 => crlf(&lf),
-            7 | 8 => lf,
-            // Half and half.
-            _ => {
-                let mut m = crlf(&lf[..lf.len() / 2]);
-                m.extend_from_slice(&lf[lf.len() / 2..]);
-                m
-            }
-        };
+        let message = generate.line_endings(lf);
         if assert_same_as_full_parse(&message) {
             fast += 1;
         }
@@ -1335,15 +1340,7 @@ fn the_boundary_scan_agrees_with_mail_parser_on_generated_messages_and_near_miss
                 _ => lf.truncate(at + generate.below(line_end - at + 1)),
             }
         }
-        let message = match generate.below(10) {
-            0..=6 => crlf(&lf),
-            7 | 8 => lf,
-            _ => {
-                let mut m = crlf(&lf[..lf.len() / 2]);
-                m.extend_from_slice(&lf[lf.len() / 2..]);
-                m
-            }
-        };
+        let message = generate.line_endings(lf);
         if scan::tests::agrees(&message) {
             fast += 1;
         }
