@@ -59,6 +59,8 @@ pub struct CopyMaker {
     dkim: Arc<KeyRing>,
     /// Each marketing purpose's footer and its tag, ready: made once, not per message.
     purposes: HashMap<String, (Arc<CompiledFooter>, u32)>,
+    /// Some purpose is public, so the preference centre has something to offer.
+    preference_centre: bool,
 }
 
 impl CopyMaker {
@@ -86,6 +88,7 @@ impl CopyMaker {
             })
             .collect();
         CopyMaker {
+            preference_centre: config.purposes.iter().any(|p| p.public),
             config,
             store,
             tokens,
@@ -143,7 +146,7 @@ impl CopyMaker {
                 let unsubscribe = format!("{}/u/{token}", self.config.http.public_url);
                 // The preference centre, when it has a purpose to offer; without one the
                 // preferences placeholder falls back to the unsubscribe link.
-                let preferences = self.config.purposes.iter().any(|p| p.public).then(|| {
+                let preferences = self.preference_centre.then(|| {
                     let token = self.tokens.issue(Claims {
                         kind: TokenKind::Preferences,
                         subject,
