@@ -289,6 +289,7 @@ def main():
     ap.add_argument("--rss-pid", type=int, help="optgate: peak RSS and thread states")
     ap.add_argument("--tag", default=None, help="probe id prefix (default: unique)")
     ap.add_argument("--warmup", action="store_true")
+    ap.add_argument("--round", type=int, default=1, help="which round of bench/run")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
@@ -365,6 +366,7 @@ def main():
         "messages": a.messages,
         "sessions": a.sessions,
         "warmup": a.warmup,
+        "round": a.round,
         "client_rc": client.returncode,
         "client_stderr": client.stderr.decode(errors="replace")[-2000:],
         "client_wall_s": (t_client - t_start) / 1e9,
@@ -449,7 +451,7 @@ def main():
         notes.append(f"client exit {client.returncode}: {last[-1] if last else ''}")
     if probes.errors:
         notes.append(f"{len(probes.errors)} probe errors: {probes.errors[0]}")
-    print(f"  {a.setup:<8} {a.rcpts:>2} rcpt {a.messages:>6} msgs{' (warm-up)' if a.warmup else ''}: "
+    print(f"  round {a.round} {a.setup:<8} {a.rcpts:>2} rcpt {a.messages:>6} msgs{' (warm-up)' if a.warmup else ''}: "
           f"accepted {result['accepted_msgs_per_s']:7.1f} msgs/s, "
           f"delivered {result['delivered_copies_per_s'] or 0:7.1f} copies/s, "
           f"p50 {fmt(result['latency_ms']['p50'])}, p99 {fmt(result['latency_ms']['p99'])}"
