@@ -451,7 +451,7 @@ def main():
         notes.append(f"client exit {client.returncode}: {last[-1] if last else ''}")
     if probes.errors:
         notes.append(f"{len(probes.errors)} probe errors: {probes.errors[0]}")
-    print(f"  round {a.round} {a.setup:<8} {a.rcpts:>2} rcpt {a.messages:>6} msgs{' (warm-up)' if a.warmup else ''}: "
+    print(f"  {'warm-up' if a.warmup else f'round {a.round}'} {a.setup:<8} {a.rcpts:>2} rcpt {a.messages:>6} msgs: "
           f"accepted {result['accepted_msgs_per_s']:7.1f} msgs/s, "
           f"delivered {result['delivered_copies_per_s'] or 0:7.1f} copies/s, "
           f"p50 {fmt(result['latency_ms']['p50'])}, p99 {fmt(result['latency_ms']['p99'])}"
