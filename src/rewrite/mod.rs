@@ -137,7 +137,10 @@ impl Prepared {
             } else {
                 0
             };
-        let mut owned = Vec::with_capacity(message.len() + 1024);
+        // Room for every encoding made below without growing: the coders reserve a
+        // quarter more than the text they encode (escapes), and growing copies what
+        // is already there.
+        let mut owned = Vec::with_capacity(message.len() + message.len() / 4 + 1024);
 
         let mut parsed = parse(message);
         let (mut body_link, targets) = match &parsed {
