@@ -568,8 +568,8 @@ mod tests {
         t
     };
 
-    /// The encoder as it was before it copied runs a word at a time: one decision a
-    /// byte.
+    /// The reference encoder for one line: one decision a byte, nothing found
+    /// ahead. The block-wise `qp_encode` must write exactly what it writes.
     fn qp_line_bytewise(line: &[u8], out: &mut Vec<u8>) {
         let n = line.len();
         let mut col = 0;
