@@ -92,8 +92,12 @@ def main():
     p(f"load average (1/5/15 min) at start: {a.load_start}; at end: {a.load_end}")
     p("")
     for rc in sorted({k[1] for k in cases}):
-        any_case = next(v for k, v in cases.items() if k[1] == rc)
-        p(f"== {rc} recipient{'s' if rc > 1 else ''} per message: {any_case['messages']} messages, "
+        any_case = next(v for k, v in sorted(cases.items(), key=lambda kv: kv[0][0].startswith("direct"))
+                        if k[1] == rc)
+        direct = cases.get(("direct", rc))
+        direct_n = (f" (the limit: {direct['messages']})"
+                    if direct and direct["messages"] != any_case["messages"] else "")
+        p(f"== {rc} recipient{'s' if rc > 1 else ''} per message: {any_case['messages']} messages{direct_n}, "
           f"{any_case['sessions']} sessions, one connection per message"
           + (f"; medians of {len(rounds)} rounds" if len(rounds) > 1 else "") + " ==")
         p(f"{'setup':<43}{'accepted':>10}{'delivered':>11}{'rcpts':>9}{'p50':>9}{'p99':>9}"
