@@ -143,6 +143,16 @@ def main():
             p(f"  optgate accept latency of the probes (MAIL FROM to 250 after DATA): "
               f"p50 {num(og['accept_latency_ms']['p50'], '{:.1f}')} ms, "
               f"p99 {num(og['accept_latency_ms']['p99'], '{:.1f}')} ms")
+            # What the ratio to the limit is made of: the two cores are shared by
+            # optgate, the sink and the client, each paying this much per copy.
+            runs = [one[("optgate", rc)] for one in rounds if ("optgate", rc) in one]
+
+            def per_copy(group):
+                ms = median(ratio(r.get("cores", {}).get(group), r["delivered_copies_per_s"])
+                            for r in runs)
+                return num(ms and ms * 1000, "{:.2f}")
+            p(f"  CPU per delivered copy (median of the rounds): optgate {per_copy('optgate')} ms, "
+              f"the sink {per_copy('sink')} ms, the client {per_copy('client')} ms")
         for s in ("postfix", "optgate"):
             r = cases.get((s, rc))
             if r and r.get("greeting_wait_ms"):
