@@ -90,20 +90,13 @@ async fn write_loop(
             jobs.drain(..).map(|j| (j.message, j.done)).unzip();
         let store = store.clone();
         let committed = tokio::task::spawn_blocking(move || {
-            store.enqueue(&messages).map(|ids| (messages, ids))
+            store.enqueue(&messages).map(|queued| (messages, queued))
         })
         .await
         .unwrap_or_else(|e| Err(StoreError::Internal(format!("spool writer panicked: {e}"))));
         match committed {
-            Ok((messages, contacts)) => {
-                for (m, contacts) in messages.into_iter().zip(contacts) {
-                    let recipients: Vec<(String, i64)> = m
-                        .recipients
-                        .iter()
-                        .filter(|r| r.allowed)
-                        .map(|r| r.address.to_string())
-                        .zip(contacts)
-                        .collect();
+            Ok((messages, queued)) => {
+                for (m, recipients) in messages.into_iter().zip(queued) {
                     if !recipients.is_empty() {
                         // Delivery gone means we are shutting down: the queue resumes it.
                         let _ = ready.send(Ready {

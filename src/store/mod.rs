@@ -311,9 +311,11 @@ pub trait Store: Send + Sync + 'static {
     // ---- the queue
     /// Stores messages, their deliveries (allowed recipients, who become contacts)
     /// and every decision event in one durable transaction. A message with no allowed recipient leaves
-    /// only its decision events. Returns, per message, the contact number of each
-    /// allowed recipient in envelope order, so that their copies need not look it up.
-    fn enqueue(&self, batch: &[NewMessage]) -> Result<Vec<Vec<i64>>, StoreError>;
+    /// only its decision events. An allowed recipient forgotten since the decision is
+    /// not queued: their decision is logged as a refusal, without the address.
+    /// Returns, per message, each queued recipient in envelope order with their
+    /// contact number, so that their copies need not look it up.
+    fn enqueue(&self, batch: &[NewMessage]) -> Result<Vec<Vec<(String, i64)>>, StoreError>;
     /// Every delivery not yet delivered or failed, for resuming after a restart.
     fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StoreError>;
     /// The message's envelope and body, or None once it has been fully delivered.

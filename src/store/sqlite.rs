@@ -198,6 +198,11 @@ const UPSERT_SUPPRESSION: &str = "
 
 const HARD_BOUNCE: &str = "hard bounce";
 
+/// The decision logged for a recipient the policy allowed but who was forgotten
+/// before the message was committed; it reads as the policy's own refusal of an
+/// erased person (`policy::SuppressReason::Erased`).
+const ERASED_SINCE_DECIDED: &str = "suppressed: erased";
+
 /// The erasure key lives at `{database}{ERASURE_KEY_SUFFIX}`.
 pub const ERASURE_KEY_SUFFIX: &str = ".erasure-key";
 
@@ -814,18 +819,19 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    fn enqueue(&self, batch: &[NewMessage]) -> Result<Vec<Vec<i64>>, StoreError> {
+    fn enqueue(&self, batch: &[NewMessage]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        // A refused recipient may be someone who was forgotten: their decision is
-        // logged without the address, as the forgetting itself is.
-        let hashes: Vec<Vec<Option<hmac::Tag>>> = batch
+        // Anyone may have been forgotten, even since the policy allowed them (a
+        // `forget` between the end of DATA and this commit): their decision is logged
+        // without the address, as the forgetting itself is, and they are not queued.
+        let hashes: Vec<Vec<hmac::Tag>> = batch
             .iter()
             .map(|new| {
                 new.recipients
                     .iter()
-                    .map(|r| (!r.allowed).then(|| self.erasure_hash(r.address.as_str())))
+                    .map(|r| self.erasure_hash(r.address.as_str()))
                     .collect()
             })
             .collect();
@@ -851,25 +857,31 @@ impl Store for SqliteStore {
                 "INSERT INTO deliveries (message_id, recipient, attempts, next_attempt_at)
                  VALUES (?1, ?2, 0, ?3) ON CONFLICT DO NOTHING",
             )?;
-            let mut contacts = Vec::with_capacity(batch.len());
+            let mut queued = Vec::with_capacity(batch.len());
             for (new, hashes) in batch.iter().zip(&hashes) {
                 let m = &new.message;
-                let mut ids = Vec::new();
+                let mut to = Vec::new();
                 for (r, hash) in new.recipients.iter().zip(hashes) {
-                    let named = match hash {
-                        Some(hash) if is_erased(tx, hash)? => "",
-                        _ => r.address.as_str(),
+                    let erased = is_erased(tx, hash)?;
+                    let (named, reason) = match (erased, r.allowed) {
+                        (false, _) => (r.address.as_str(), r.reason.as_str()),
+                        (true, false) => ("", r.reason.as_str()),
+                        (true, true) => ("", ERASED_SINCE_DECIDED),
                     };
                     decision.execute(params![
                         m.received_at,
                         m.id,
                         named,
                         m.purpose,
-                        r.reason,
+                        reason,
                         new.origin
                     ])?;
+                    if r.allowed && !erased {
+                        to.push(r.address.as_str());
+                    }
                 }
-                if new.recipients.iter().any(|r| r.allowed) {
+                let mut ids = Vec::with_capacity(to.len());
+                if !to.is_empty() {
                     let size = i64::try_from(m.body.len())
                         .map_err(|_| StoreError::Internal("message too large".into()))?;
                     message.execute(params![m.id, m.sender, m.purpose, m.received_at, size])?;
@@ -881,15 +893,16 @@ impl Store for SqliteStore {
                         false,
                     )?
                     .write_at(&m.body, 0)?;
-                    for r in new.recipients.iter().filter(|r| r.allowed) {
-                        contact.execute(params![r.address.as_str(), m.received_at])?;
-                        ids.push(contact_id.query_row([r.address.as_str()], |row| row.get(0))?);
-                        delivery.execute(params![m.id, r.address.as_str(), m.received_at])?;
+                    for address in to {
+                        contact.execute(params![address, m.received_at])?;
+                        let id = contact_id.query_row([address], |row| row.get(0))?;
+                        delivery.execute(params![m.id, address, m.received_at])?;
+                        ids.push((address.to_string(), id));
                     }
                 }
-                contacts.push(ids);
+                queued.push(ids);
             }
-            Ok(contacts)
+            Ok(queued)
         });
         // The writer's cache is large for imports; after a large message, its pages
         // would stay in memory beside the queued body for as long as it is delivered.
@@ -1798,6 +1811,77 @@ mod tests {
     }
 
     #[test]
+    fn a_person_forgotten_after_the_decision_is_not_queued_nor_stored_again() {
+        // The policy allowed zoe at the end of DATA; she was forgotten before the
+        // spool committed. The commit must not mail her, nor write her address again.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optgate.db");
+        let store = open(&dir);
+        let zoe = addr("zoe@example.com");
+        record(&store, "zoe@example.com", "newsletter", Grant, 10);
+        assert!(store.forget(&zoe, 20).unwrap());
+
+        let queued = store
+            .enqueue(&[
+                message("Z1", 30, &[("zoe@example.com", true)]),
+                message(
+                    "Z2",
+                    31,
+                    &[("zoe@example.com", true), ("ann@example.com", true)],
+                ),
+            ])
+            .unwrap();
+        let ann = store.contact_id(&addr("ann@example.com")).unwrap();
+        assert_eq!(
+            queued,
+            vec![vec![], vec![("ann@example.com".to_string(), ann)]]
+        );
+        assert_eq!(
+            tables_mentioning(&path, "zoe@example.com"),
+            Vec::<String>::new()
+        );
+        assert!(
+            store.message("Z1").unwrap().is_none(),
+            "no body kept for nobody"
+        );
+        let pending: Vec<String> = store
+            .pending_deliveries()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.recipient)
+            .collect();
+        assert_eq!(pending, vec!["ann@example.com"]);
+        // Each decision is still logged, without the address, as a suppression.
+        let raw = Connection::open(&path).unwrap();
+        let details: Vec<(String, String, String)> = raw
+            .prepare("SELECT message_id, address, detail FROM events WHERE kind = 'decision' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let row = |m: &str, a: &str, d: &str| (m.to_string(), a.to_string(), d.to_string());
+        assert_eq!(
+            details,
+            vec![
+                row("Z1", "", "suppressed: erased"),
+                row("Z2", "", "suppressed: erased"),
+                row(
+                    "Z2",
+                    "ann@example.com",
+                    "allowed: consent (consent event 1)"
+                ),
+            ]
+        );
+        // Worded as the policy words its own refusal of an erased person.
+        use crate::policy::{Decision, SuppressReason};
+        assert_eq!(
+            ERASED_SINCE_DECIDED,
+            Decision::Suppress(SuppressReason::Erased).reason()
+        );
+    }
+
+    #[test]
     fn enqueue_keeps_every_decision_and_only_allowed_deliveries() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
@@ -1822,12 +1906,20 @@ mod tests {
                 &[("ann@example.com", true), ("ann@example.com", true)],
             ),
         ];
-        let contacts = store.enqueue(&batch).unwrap();
-        // Each allowed recipient's contact number, in envelope order, per message.
+        let queued = store.enqueue(&batch).unwrap();
+        // Each allowed recipient with their contact number, in envelope order, per message.
         let ann = store.contact_id(&addr("ann@example.com")).unwrap();
         let cid = store.contact_id(&addr("cid@example.com")).unwrap();
         assert_ne!(ann, cid);
-        assert_eq!(contacts, vec![vec![ann, cid], vec![], vec![ann, ann]]);
+        let q = |a: &str, id: i64| (a.to_string(), id);
+        assert_eq!(
+            queued,
+            vec![
+                vec![q("ann@example.com", ann), q("cid@example.com", cid)],
+                vec![],
+                vec![q("ann@example.com", ann), q("ann@example.com", ann)]
+            ]
+        );
 
         let pending = store.pending_deliveries().unwrap();
         let pd = |m: &str, r: &str, contact, next| PendingDelivery {

@@ -151,7 +151,7 @@ impl Store for Flaky {
     fn contact_address(&self, id: i64) -> Result<Option<Address>, StoreError> {
         self.run(Op::ContactAddress, |s| s.contact_address(id))
     }
-    fn enqueue(&self, batch: &[NewMessage]) -> Result<Vec<Vec<i64>>, StoreError> {
+    fn enqueue(&self, batch: &[NewMessage]) -> Result<Vec<Vec<(String, i64)>>, StoreError> {
         self.run(Op::Enqueue, |s| s.enqueue(batch))
     }
     fn pending_deliveries(&self) -> Result<Vec<PendingDelivery>, StoreError> {
