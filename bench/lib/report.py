@@ -12,11 +12,12 @@ import json
 import statistics
 import sys
 
-SETUPS = ["direct", "postfix", "optgate"]
+SETUPS = ["direct", "postfix", "optgate", "optgate-b"]
 LABEL = {
     "direct": "smtp-source -> smtp-sink (the limit)",
     "postfix": "Postfix relay (durable queue)",
     "optgate": "optgate (RSA-2048, 100k consents, fsync)",
+    "optgate-b": "optgate-b (BENCH_COMPARE's binary)",
     "direct-plain": "  (limit with smtp-sink without -v)",
 }
 
@@ -233,6 +234,25 @@ def main():
           f"{m['peak_over_size']:.2f}x its size, {m['reply'][:40]!r}, "
           f"{'delivered in %.1f s' % m['delivered_s'] if m['delivered_s'] else 'NOT delivered'}"
           f"  (target < 4x)  {verdict(m['peak_over_size'] < 4 and m['delivered_s'] is not None)}")
+    compared = sorted({k[1] for k in cases if k[0] == "optgate-b"})
+    if compared:
+        p("")
+        p("== optgate-b (BENCH_COMPARE) against optgate: ratios within each round, their median ==")
+
+    def cpu_per_copy(setup, rc):
+        def get(one):
+            r = one.get((setup, rc))
+            return None if r is None else ratio(r.get("cores", {}).get("optgate"),
+                                                r["delivered_copies_per_s"])
+        return get
+    for rc in compared:
+        for label, (value, each) in (
+                ("delivered copies/s", within(fig("optgate-b", rc, "delivered_copies_per_s"),
+                                              fig("optgate", rc, "delivered_copies_per_s"))),
+                ("CPU per copy", within(cpu_per_copy("optgate-b", rc), cpu_per_copy("optgate", rc)))):
+            above = sum(1 for r in each if r > 1)
+            p(f"{rc} rcpt: optgate-b/optgate {label} = {num(value, '{:.3f}')}  "
+              f"[rounds: {', '.join(f'{r:.3f}' for r in each)}; above 1 in {above} of {len(each)}]")
     print("\n".join(out))
 
 
