@@ -85,6 +85,9 @@ pub struct Account {
 pub struct HttpConfig {
     pub listen: SocketAddr,
     pub public_url: String,
+    /// Reverse proxies (TLS terminators) whose `X-Forwarded-For` names the client: the
+    /// address the evidence records and the rate limits count. Empty: the TCP peer.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -384,6 +387,7 @@ struct RawAccount {
 struct RawHttp {
     listen: String,
     public_url: String,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for RawHttp {
@@ -391,6 +395,7 @@ impl Default for RawHttp {
         RawHttp {
             listen: "127.0.0.1:8080".into(),
             public_url: "http://127.0.0.1:8080".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -613,6 +618,7 @@ impl Validator<'_> {
         let http = HttpConfig {
             listen: self.socket("http.listen", &http.listen)?,
             public_url: http.public_url.trim_end_matches('/').to_string(),
+            trusted_proxies: self.networks("http.trusted_proxies", &http.trusted_proxies)?,
         };
         if !(http.public_url.starts_with("http://") || http.public_url.starts_with("https://")) {
             return Err(self.err("http.public_url", "must start with http:// or https://"));
@@ -734,6 +740,22 @@ impl Validator<'_> {
         Ok(out)
     }
 
+    /// Networks ("10.0.0.0/8") or single addresses.
+    fn networks(&self, key: &str, raw: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+        raw.iter()
+            .map(|n| {
+                n.parse::<IpNet>()
+                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        self.err(
+                            key,
+                            format!("'{n}' is not a network such as \"10.0.0.0/8\""),
+                        )
+                    })
+            })
+            .collect()
+    }
+
     fn smtp(&self, raw: RawSmtp, known: &dyn Fn(&str) -> bool) -> Result<SmtpConfig, ConfigError> {
         if raw.listen.is_empty() {
             return Err(self.err("smtp.listen", "give at least one address:port"));
@@ -743,20 +765,7 @@ impl Validator<'_> {
             .iter()
             .map(|l| self.socket("smtp.listen", l))
             .collect::<Result<Vec<_>, _>>()?;
-        let trusted_networks = raw
-            .trusted_networks
-            .iter()
-            .map(|n| {
-                n.parse::<IpNet>()
-                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| {
-                        self.err(
-                            "smtp.trusted_networks",
-                            format!("'{n}' is not a network such as \"10.0.0.0/8\""),
-                        )
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let trusted_networks = self.networks("smtp.trusted_networks", &raw.trusted_networks)?;
         for (key, v) in [
             ("smtp.max_message_size", raw.max_message_size),
             ("smtp.max_recipients", raw.max_recipients),
@@ -1019,6 +1028,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("smtp.listen"), "{e}");
+
+        let bad = format!("[http]\ntrusted_proxies = [\"the nginx box\"]\n{MINIMAL}");
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("http.trusted_proxies") && e.contains("the nginx box"),
+            "{e}"
+        );
+        let good = format!("[http]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n{MINIMAL}");
+        let proxies = Config::parse(&good, Path::new("x.toml"))
+            .unwrap()
+            .http
+            .trusted_proxies;
+        assert_eq!(
+            proxies,
+            vec![
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "::1/128".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

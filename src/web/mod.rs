@@ -7,6 +7,7 @@
 
 mod api;
 mod form;
+mod forwarded;
 mod i18n;
 mod mail;
 mod metrics;
@@ -89,8 +90,9 @@ struct App {
 }
 
 /// The routes, for [`serve`] and for tests. Handlers read the client's IP from
-/// `ConnectInfo<SocketAddr>`: serve with `into_make_service_with_connect_info`, or
-/// add a `MockConnectInfo` layer.
+/// `ConnectInfo<SocketAddr>` (which [`real_client`] sets to the forwarded client behind
+/// a trusted proxy): serve with `into_make_service_with_connect_info`, or add a
+/// `MockConnectInfo` layer.
 pub fn router(web: Arc<Web>) -> Router {
     let now = Instant::now();
     let app = Arc::new(App {
@@ -150,6 +152,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn(time_limit))
         .layer(middleware::map_response(security_headers))
+        .layer(middleware::from_fn_with_state(app.clone(), real_client))
         .with_state(app)
 }
 
@@ -447,6 +450,29 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 async fn not_found(headers: HeaderMap) -> Response {
     let lang = header_text(&headers, header::ACCEPT_LANGUAGE);
     Problem::NotFound.page(i18n::negotiate(lang.as_deref(), "en"))
+}
+
+/// Puts the client in place of the TCP peer when the peer is one of
+/// `http.trusted_proxies` ([`forwarded`]): every layer and handler after this one, the
+/// rate limits and the consent evidence alike, then reads the client from
+/// `ConnectInfo`, as they would without a proxy.
+async fn real_client(State(app): State<Arc<App>>, mut request: Request, next: Next) -> Response {
+    let trusted = &app.web.config.http.trusted_proxies;
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if let Some(peer) = peer.filter(|_| !trusted.is_empty()) {
+        let forwarded_for = request.headers().get_all("x-forwarded-for");
+        let client = forwarded::client(peer.ip(), forwarded_for.iter(), trusted);
+        if client != peer.ip() {
+            tracing::trace!(proxy = %peer.ip(), %client, "http: request forwarded by a trusted proxy");
+            request
+                .extensions_mut()
+                .insert(ConnectInfo(SocketAddr::new(client, 0)));
+        }
+    }
+    next.run(request).await
 }
 
 async fn rate_limit(

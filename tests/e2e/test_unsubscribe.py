@@ -217,3 +217,27 @@ def test_rate_limit_per_ip(launch, upstream):
     assert limited.status == 429, limited
     assert int(limited.headers["Retry-After"]) >= 1
     assert metric(gate, "optgate_web_rate_limited_total") == 1
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_recorded_and_limited(gate, launch, upstream):
+    """Behind a TLS-terminating proxy on the same host (http.trusted_proxies = ["127.0.0.1/32"]), a one-click POST carrying X-Forwarded-For records the client's address, not the proxy's, and the per-IP rate limit counts each client apart; without the setting, the same header is ignored."""
+    rcpt, urls = subscribe_and_mail(gate, upstream, NEWS)
+    spoofed = curl("-X", "POST", "-d", ONE_CLICK, "-H", "X-Forwarded-For: 198.51.100.7", urls[NEWS])
+    assert spoofed.status == 200, spoofed
+    assert history(gate, rcpt)[-1]["evidence"]["ip"] == "127.0.0.1", "no proxy is trusted by default"
+
+    proxied = launch(upstream.port, http={"trusted_proxies": ["127.0.0.1/32"]}, unsubscribe={"rate_limit_per_minute": 3})
+    rcpt, urls = subscribe_and_mail(proxied, upstream, NEWS)
+    # What the client wrote itself, left of its real address, is not believed.
+    answer = curl("-X", "POST", "-d", ONE_CLICK, "-H", "X-Forwarded-For: 6.6.6.6, 198.51.100.7", urls[NEWS])
+    assert answer.status == 200, answer
+    last = history(proxied, rcpt)[-1]
+    assert (last["action"], last["source"], last["evidence"]["ip"]) == ("withdraw", "one-click", "198.51.100.7"), last
+
+    def page(client: str) -> int:
+        return fetch(urls[NEWS], headers={"X-Forwarded-For": client}).status
+
+    # 198.51.100.7 has made one request of its three; another client has its own three.
+    assert [page("198.51.100.7"), page("198.51.100.7"), page("198.51.100.7")] == [200, 200, 429]
+    assert page("198.51.100.8") == 200
+    assert fetch(urls[NEWS]).status == 200, "the proxy's own requests are another client's"
