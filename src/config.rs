@@ -49,6 +49,9 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
+    /// Listeners where TLS starts with the connection (RFC 8314 implicit TLS, the
+    /// `submissions` port 465 of mailers set to "SSL"/`secure: true`).
+    pub listen_implicit_tls: Vec<SocketAddr>,
     /// The name optgate gives itself in the greeting and in Received/DSN headers.
     pub hostname: String,
     pub trusted_networks: Vec<IpNet>,
@@ -336,6 +339,7 @@ impl Default for RawUnsubscribe {
 #[serde(deny_unknown_fields, default)]
 struct RawSmtp {
     listen: Vec<String>,
+    listen_implicit_tls: Vec<String>,
     hostname: Option<String>,
     trusted_networks: Vec<String>,
     max_message_size: usize,
@@ -352,6 +356,7 @@ impl Default for RawSmtp {
     fn default() -> Self {
         RawSmtp {
             listen: vec!["127.0.0.1:2525".into()],
+            listen_implicit_tls: Vec::new(),
             hostname: None,
             trusted_networks: vec!["127.0.0.0/8".into(), "::1/128".into()],
             max_message_size: 25 * 1024 * 1024,
@@ -765,6 +770,17 @@ impl Validator<'_> {
             .iter()
             .map(|l| self.socket("smtp.listen", l))
             .collect::<Result<Vec<_>, _>>()?;
+        let listen_implicit_tls = raw
+            .listen_implicit_tls
+            .iter()
+            .map(|l| self.socket("smtp.listen_implicit_tls", l))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(both) = listen_implicit_tls.iter().find(|a| listen.contains(a)) {
+            return Err(self.err(
+                "smtp.listen_implicit_tls",
+                format!("{both} is in smtp.listen too: one port cannot both start in TLS and offer STARTTLS"),
+            ));
+        }
         let trusted_networks = self.networks("smtp.trusted_networks", &raw.trusted_networks)?;
         for (key, v) in [
             ("smtp.max_message_size", raw.max_message_size),
@@ -813,6 +829,7 @@ impl Validator<'_> {
         }
         Ok(SmtpConfig {
             listen,
+            listen_implicit_tls,
             hostname: raw.hostname.unwrap_or_else(|| "localhost".into()),
             trusted_networks,
             max_message_size: raw.max_message_size,
@@ -1028,6 +1045,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("smtp.listen"), "{e}");
+
+        let bad = format!(
+            "[smtp]\nlisten = [\"127.0.0.1:465\"]\nlisten_implicit_tls = [\"127.0.0.1:465\"]\n{MINIMAL}"
+        );
+        let e = Config::parse(&bad, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("smtp.listen_implicit_tls"), "{e}");
 
         let bad = format!("[http]\ntrusted_proxies = [\"the nginx box\"]\n{MINIMAL}");
         let e = Config::parse(&bad, Path::new("x.toml"))

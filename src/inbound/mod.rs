@@ -5,7 +5,7 @@
 //! `ehlo`, `auth`, `envelope` (MAIL, RCPT) and `data` (DATA, BDAT, end of data).
 //! The byte work on messages (`message`) and replies (`reply`) are plain functions;
 //! `wire` is the socket, the input cut into lines and the batched replies; `tls` makes
-//! the STARTTLS acceptor.
+//! the TLS acceptor (for STARTTLS, and for implicit-TLS listeners before the greeting).
 
 mod auth;
 mod data;
@@ -36,9 +36,10 @@ pub struct Inbound {
     pub spool: Spool,
 }
 
-/// Binds every `smtp.listen` address, prints `smtp listening on ADDR` for each, and
-/// serves until `shutdown`; then stops accepting and returns once the transactions in
-/// flight are finished.
+/// Binds every `smtp.listen` address (STARTTLS offered) and every
+/// `smtp.listen_implicit_tls` one (TLS from the first byte), prints `smtp listening on
+/// ADDR` or `smtps listening on ADDR` for each, and serves until `shutdown`; then
+/// stops accepting and returns once the transactions in flight are finished.
 pub async fn serve(inbound: Arc<Inbound>, shutdown: CancellationToken) -> anyhow::Result<()> {
     server::serve(inbound, shutdown).await
 }

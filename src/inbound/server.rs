@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::wire::Wrapping;
 use super::{Inbound, session, tls};
 
 /// How long shutdown waits for sessions to finish what they are doing.
@@ -26,22 +27,32 @@ pub(super) async fn serve(
 ) -> anyhow::Result<()> {
     // Before binding, so that "listening" means ready, certificate included.
     let tls = tls::acceptor(&inbound.config).context("cannot set up STARTTLS")?;
-    let listeners = bind(&inbound.config.smtp.listen).await?;
+    let smtp = &inbound.config.smtp;
+    let mut listeners = bind(&smtp.listen, Wrapping::Plain).await?;
+    listeners.extend(bind(&smtp.listen_implicit_tls, Wrapping::Implicit).await?);
     run(inbound, listeners, tls, shutdown).await
 }
 
-/// Binds every address and announces it on stdout (scripts and tests wait for it).
-pub(super) async fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+/// Binds every address and announces it on stdout (scripts and tests wait for it):
+/// `smtp listening on ADDR`, or `smtps listening on ADDR` for implicit TLS.
+pub(super) async fn bind(
+    addrs: &[SocketAddr],
+    wrapping: Wrapping,
+) -> anyhow::Result<Vec<(TcpListener, Wrapping)>> {
+    let scheme = match wrapping {
+        Wrapping::Plain => "smtp",
+        Wrapping::Implicit => "smtps",
+    };
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in addrs {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for SMTP on {addr}"))?;
         let local = listener.local_addr().unwrap_or(*addr);
-        println!("smtp listening on {local}");
+        println!("{scheme} listening on {local}");
         let _ = std::io::stdout().flush();
-        tracing::info!(%local, "smtp listening");
-        listeners.push(listener);
+        tracing::info!(%local, scheme, "smtp listening");
+        listeners.push((listener, wrapping));
     }
     Ok(listeners)
 }
@@ -49,7 +60,7 @@ pub(super) async fn bind(addrs: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener
 /// Serves on bound listeners until `shutdown`, then drains.
 pub(super) async fn run(
     inbound: Arc<Inbound>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(TcpListener, Wrapping)>,
     tls: TlsAcceptor,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -59,9 +70,10 @@ pub(super) async fn run(
         smtp.max_connections_per_ip,
     ));
     let mut loops = JoinSet::new();
-    for listener in listeners {
+    for (listener, wrapping) in listeners {
         loops.spawn(accept_loop(
             listener,
+            wrapping,
             inbound.clone(),
             tls.clone(),
             limits.clone(),
@@ -76,6 +88,7 @@ pub(super) async fn run(
 
 async fn accept_loop(
     listener: TcpListener,
+    wrapping: Wrapping,
     inbound: Arc<Inbound>,
     tls: TlsAcceptor,
     limits: Arc<Limits>,
@@ -97,7 +110,7 @@ async fn accept_loop(
                         Ok(permit) => {
                             let (inbound, tls, shutdown) = (inbound.clone(), tls.clone(), shutdown.clone());
                             sessions.spawn(async move {
-                                session::run(inbound, tcp, peer, tls, shutdown).await;
+                                session::run(inbound, tcp, wrapping, peer, tls, shutdown).await;
                                 drop(permit);
                             });
                         }

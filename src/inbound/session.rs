@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Inbound;
 use super::reply::Reply;
-use super::wire::{Input, Line, MAX_COMMAND_LINE, Stream};
+use super::wire::{Input, Line, MAX_COMMAND_LINE, Stream, Wrapping};
 use crate::address::Address;
 use crate::spool::Admission;
 
@@ -107,15 +107,24 @@ pub(super) struct Session {
 pub(super) async fn run(
     inbound: Arc<Inbound>,
     tcp: TcpStream,
+    wrapping: Wrapping,
     peer: SocketAddr,
     tls: TlsAcceptor,
     shutdown: CancellationToken,
 ) {
     let trusted = inbound.config.is_trusted(peer.ip());
-    tracing::debug!(peer = %peer.ip(), trusted, "connection opened");
+    tracing::debug!(peer = %peer.ip(), trusted, ?wrapping, "connection opened");
+    let stream = match wrapping {
+        Wrapping::Plain => Stream::Plain(tcp),
+        // The greeting, like everything after it, goes over TLS.
+        Wrapping::Implicit => match handshake(&tls, tcp, &inbound, peer).await {
+            Some(tls) => Stream::Tls(Box::new(tls)),
+            None => return,
+        },
+    };
     let mut session = Session {
         inbound,
-        stream: Stream::Plain(tcp),
+        stream,
         peer,
         trusted,
         input: Input::default(),
@@ -369,24 +378,36 @@ impl Session {
         let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
             return Ok(false);
         };
-        let idle = self.inbound.config.smtp.idle_timeout;
-        match tokio::time::timeout(idle, self.tls.accept(tcp)).await {
-            Ok(Ok(tls)) => {
-                self.stream = Stream::Tls(Box::new(tls));
-                self.helo = None;
-                self.account = None;
-                self.tx = None;
-                self.errors_in_a_row = 0;
-                Ok(true)
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(peer = %self.peer.ip(), error = %e, "TLS handshake failed");
-                Ok(false)
-            }
-            Err(_) => {
-                tracing::debug!(peer = %self.peer.ip(), "TLS handshake timed out");
-                Ok(false)
-            }
+        let Some(tls) = handshake(&self.tls, tcp, &self.inbound, self.peer).await else {
+            return Ok(false);
+        };
+        self.stream = Stream::Tls(Box::new(tls));
+        self.helo = None;
+        self.account = None;
+        self.tx = None;
+        self.errors_in_a_row = 0;
+        Ok(true)
+    }
+}
+
+/// The server side of a TLS handshake, within the idle timeout; None (logged) if it
+/// failed: the connection is then closed without a word, as there is no channel left.
+async fn handshake(
+    tls: &TlsAcceptor,
+    tcp: TcpStream,
+    inbound: &Inbound,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let idle = inbound.config.smtp.idle_timeout;
+    match tokio::time::timeout(idle, tls.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer.ip(), error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer.ip(), "TLS handshake timed out");
+            None
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
+use super::wire::Wrapping;
 use super::{Inbound, server};
 use crate::address::Address;
 use crate::config::Config;
@@ -92,10 +93,10 @@ basis = "transactional"
             policy: Policy::new(store.clone()),
             spool,
         });
-        let listeners = server::bind(&["127.0.0.1:0".parse().unwrap()])
+        let listeners = server::bind(&["127.0.0.1:0".parse().unwrap()], Wrapping::Plain)
             .await
             .unwrap();
-        let addr = listeners[0].local_addr().unwrap();
+        let addr = listeners[0].0.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let tls = super::tls::acceptor(&inbound.config).unwrap();
         let task = tokio::spawn(server::run(inbound, listeners, tls, shutdown.clone()));

@@ -20,6 +20,15 @@ const READ_CHUNK: usize = 16 * 1024;
 /// few large reads. Only a session reading DATA holds it.
 const MESSAGE_READ_CHUNK: usize = 64 * 1024;
 
+/// How a listener's connections begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Wrapping {
+    /// In clear, STARTTLS offered (ports 25, 587, 2525).
+    Plain,
+    /// TLS from the first byte, before the greeting (RFC 8314, port 465).
+    Implicit,
+}
+
 /// The peer's connection, before or after STARTTLS.
 pub(super) enum Stream {
     Plain(TcpStream),
