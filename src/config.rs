@@ -1023,45 +1023,34 @@ mod tests {
         assert_eq!(c.queue.retry_schedule[0], Duration::from_secs(60));
     }
 
+    /// The error `Config::parse` gives for `section` laid before [`MINIMAL`].
+    fn error_of(section: &str) -> String {
+        Config::parse(&format!("{section}\n{MINIMAL}"), Path::new("x.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn errors_name_the_key() {
-        let bad = format!("[policy]\ndefault_purpose = \"nope\"\n{MINIMAL}");
-        let e = Config::parse(&bad, Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("policy.default_purpose") && e.contains("nope"),
-            "{e}"
-        );
-
-        let bad = format!("[queue]\nmax_age = \"soon\"\n{MINIMAL}");
-        let e = Config::parse(&bad, Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("queue.max_age"), "{e}");
-
-        let bad = format!("[smtp]\nlisten = [\"nowhere\"]\n{MINIMAL}");
-        let e = Config::parse(&bad, Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("smtp.listen"), "{e}");
-
-        let bad = format!(
-            "[smtp]\nlisten = [\"127.0.0.1:465\"]\nlisten_implicit_tls = [\"127.0.0.1:465\"]\n{MINIMAL}"
-        );
-        let e = Config::parse(&bad, Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("smtp.listen_implicit_tls"), "{e}");
-
-        let bad = format!("[http]\ntrusted_proxies = [\"the nginx box\"]\n{MINIMAL}");
-        let e = Config::parse(&bad, Path::new("x.toml"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("http.trusted_proxies") && e.contains("the nginx box"),
-            "{e}"
-        );
+        for (section, named) in [
+            (
+                "[policy]\ndefault_purpose = \"nope\"",
+                &["policy.default_purpose", "nope"][..],
+            ),
+            ("[queue]\nmax_age = \"soon\"", &["queue.max_age"]),
+            ("[smtp]\nlisten = [\"nowhere\"]", &["smtp.listen"]),
+            (
+                "[smtp]\nlisten = [\"127.0.0.1:465\"]\nlisten_implicit_tls = [\"127.0.0.1:465\"]",
+                &["smtp.listen_implicit_tls"],
+            ),
+            (
+                "[http]\ntrusted_proxies = [\"the nginx box\"]",
+                &["http.trusted_proxies", "the nginx box"],
+            ),
+        ] {
+            let e = error_of(section);
+            assert!(named.iter().all(|n| e.contains(n)), "{section}: {e}");
+        }
         let good = format!("[http]\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n{MINIMAL}");
         let proxies = Config::parse(&good, Path::new("x.toml"))
             .unwrap()

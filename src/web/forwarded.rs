@@ -65,83 +65,71 @@ mod tests {
         list.iter().map(|n| n.parse().unwrap()).collect()
     }
 
-    fn client_of(peer: &str, lines: &[&str], trusted: &[&str]) -> IpAddr {
-        let values: Vec<HeaderValue> = lines
-            .iter()
-            .map(|l| HeaderValue::from_str(l).unwrap())
-            .collect();
-        client(ip(peer), values.iter(), &nets(trusted))
+    /// Each case: the TCP peer, the X-Forwarded-For lines, the trusted list, the client.
+    fn check(cases: &[(&str, &[&str], &[&str], &str)]) {
+        for &(peer, lines, trusted, expected) in cases {
+            let values: Vec<HeaderValue> = lines
+                .iter()
+                .map(|l| HeaderValue::from_str(l).unwrap())
+                .collect();
+            let found = client(ip(peer), values.iter(), &nets(trusted));
+            assert_eq!(
+                found,
+                ip(expected),
+                "peer {peer}, {lines:?}, trusted {trusted:?}"
+            );
+        }
     }
+
+    const OURS: &[&str] = &["127.0.0.1/32", "10.0.0.0/8"];
 
     #[test]
     fn without_trusted_proxies_the_header_is_ignored() {
-        assert_eq!(
-            client_of("203.0.113.5", &["198.51.100.7"], &[]),
-            ip("203.0.113.5")
-        );
-        // A peer that is not a trusted proxy cannot speak for anyone else either.
-        assert_eq!(
-            client_of("203.0.113.5", &["198.51.100.7"], &["127.0.0.1/32"]),
-            ip("203.0.113.5")
-        );
+        check(&[
+            ("203.0.113.5", &["198.51.100.7"], &[], "203.0.113.5"),
+            // A peer that is not a trusted proxy cannot speak for anyone else either.
+            ("203.0.113.5", &["198.51.100.7"], OURS, "203.0.113.5"),
+        ]);
     }
 
     #[test]
     fn the_nearest_untrusted_address_is_the_client() {
-        let trusted = ["127.0.0.1/32", "10.0.0.0/8"];
-        assert_eq!(
-            client_of("127.0.0.1", &["198.51.100.7"], &trusted),
-            ip("198.51.100.7")
-        );
-        // A chain of our own proxies is walked through; what the client wrote
-        // itself, left of its real address, is not believed.
-        assert_eq!(
-            client_of(
+        check(&[
+            ("127.0.0.1", &["198.51.100.7"], OURS, "198.51.100.7"),
+            // A chain of our own proxies is walked through; what the client wrote
+            // itself, left of its real address, is not believed.
+            (
                 "127.0.0.1",
                 &["6.6.6.6, 198.51.100.7", "10.1.2.3"],
-                &trusted
+                OURS,
+                "198.51.100.7",
             ),
-            ip("198.51.100.7")
-        );
-        assert_eq!(
-            client_of("127.0.0.1", &["[2001:db8::7]:4711"], &trusted),
-            ip("2001:db8::7")
-        );
-        assert_eq!(
-            client_of("127.0.0.1", &["192.0.2.9:4711"], &trusted),
-            ip("192.0.2.9")
-        );
-        // Nothing but our own proxies: the farthest of them.
-        assert_eq!(
-            client_of("127.0.0.1", &["10.0.0.1, 10.0.0.2"], &trusted),
-            ip("10.0.0.1")
-        );
+            ("127.0.0.1", &["[2001:db8::7]:4711"], OURS, "2001:db8::7"),
+            ("127.0.0.1", &["192.0.2.9:4711"], OURS, "192.0.2.9"),
+            // Nothing but our own proxies: the farthest of them.
+            ("127.0.0.1", &["10.0.0.1, 10.0.0.2"], OURS, "10.0.0.1"),
+            // IPv4-mapped addresses count as IPv4, the peer's and the listed ones.
+            (
+                "::ffff:127.0.0.1",
+                &["::ffff:198.51.100.7"],
+                OURS,
+                "198.51.100.7",
+            ),
+        ]);
     }
 
     #[test]
     fn an_unreadable_entry_ends_the_walk_at_the_last_hop_read() {
-        let trusted = ["127.0.0.1/32", "10.0.0.0/8"];
-        assert_eq!(
-            client_of("127.0.0.1", &["198.51.100.7, unknown"], &trusted),
-            ip("127.0.0.1")
-        );
-        assert_eq!(
-            client_of("127.0.0.1", &["198.51.100.7, garbage, 10.0.0.2"], &trusted),
-            ip("10.0.0.2")
-        );
-        // No header at all: the proxy itself.
-        assert_eq!(client_of("127.0.0.1", &[], &trusted), ip("127.0.0.1"));
-    }
-
-    #[test]
-    fn ipv4_mapped_addresses_count_as_ipv4() {
-        assert_eq!(
-            client_of(
-                "::ffff:127.0.0.1",
-                &["::ffff:198.51.100.7"],
-                &["127.0.0.1/32"]
+        check(&[
+            ("127.0.0.1", &["198.51.100.7, unknown"], OURS, "127.0.0.1"),
+            (
+                "127.0.0.1",
+                &["198.51.100.7, garbage, 10.0.0.2"],
+                OURS,
+                "10.0.0.2",
             ),
-            ip("198.51.100.7")
-        );
+            // No header at all: the proxy itself.
+            ("127.0.0.1", &[], OURS, "127.0.0.1"),
+        ]);
     }
 }
