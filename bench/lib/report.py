@@ -2,6 +2,7 @@
 """Prints bench/run's tables from its results file (one JSON object a line).
 
     report.py RESULTS.jsonl --load-start "0.52 0.61 0.70" --load-end "..." [--info TEXT]
+              [--signing DIVAN_OUTPUT]
 
 With several rounds, each figure of the tables is the median over the rounds, and
 each ratio against a target is taken within a round (the setups it compares ran
@@ -9,6 +10,7 @@ minutes apart at most) before its median is compared with the target.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 
@@ -73,13 +75,28 @@ def combine(rounds):
     return out
 
 
+def signing_seconds(path):
+    """The median time of one RSA-2048 DKIM signature (`dkim/rsa`) in the output of
+    `cargo bench --bench copy -- dkim`, in seconds; None if it is not there."""
+    units = {"ns": 1e-9, "µs": 1e-6, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            columns = line.split("│")
+            if len(columns) > 2 and columns[0].split()[-3:-2] == ["rsa"]:
+                value, unit = columns[2].split()
+                return float(value) * units[unit]
+    return None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
     ap.add_argument("--load-start", default="?")
     ap.add_argument("--load-end", default="?")
     ap.add_argument("--info", default="")
+    ap.add_argument("--signing", help="cargo bench --bench copy -- dkim's output")
     a = ap.parse_args()
+    signing = signing_seconds(a.signing) if a.signing else None
     by_round, memory = {}, {}
     with open(a.results) as f:
         for line in f:
@@ -206,6 +223,21 @@ def main():
                       fig("direct-plain", 1, "accepted_msgs_per_s"))
     if plain is not None:
         p(f"         against the limit with a plain smtp-sink (no -v): {plain:.0%}")
+    og1, direct1 = cases.get(("optgate", 1)), cases.get(("direct", 1))
+    if signing and og1 and direct1:
+        # The most the cores could carry if optgate did nothing but sign each message
+        # and take it in as cheaply as the sink does, with the sink and the client
+        # costing what they cost beside optgate: whatever optgate gets is below this.
+        receive = cpu_per_copy(direct1, "sink")
+        peers = cpu_per_copy(og1, "sink") + cpu_per_copy(og1, "client")
+        ceiling = os.cpu_count() / (signing + receive + peers)
+        rate = og1["delivered_copies_per_s"]
+        p(f"         ceiling: {ceiling:.0f} msgs/s = {ceiling / direct1['accepted_msgs_per_s']:.0%} of the limit "
+          f"(optgate reached {rate / ceiling:.0%} of it), were optgate to do nothing but one DKIM")
+        p(f"         signature ({signing * 1e3:.2f} ms alone) and take the message in as cheaply as the sink "
+          f"({receive * 1e3:.2f} ms in the limit's case):")
+        p(f"         {os.cpu_count()} cores / ({signing * 1e3:.2f} + {receive * 1e3:.2f} + {peers * 1e3:.2f} ms, "
+          f"what the sink and the client spend per copy beside optgate)")
     line("10 rcpt: optgate copies/s / postfix msgs/s",
          within(fig("optgate", 10, "delivered_copies_per_s"), fig("postfix", 10, "delivered_copies_per_s")),
          "{:.2f}", "target >= 3", lambda r: r >= 3)
@@ -214,8 +246,9 @@ def main():
         cores = og10["cores"].get("optgate")
         per_core = ratio(og10["delivered_copies_per_s"], cores)
         p(f"10 rcpt: optgate {num(og10['delivered_copies_per_s'])} copies/s on "
-          f"{num(cores, '{:.2f}')} cores = {num(per_core)} copies/s per busy core "
-          f"(RSA-2048 signing alone, on aws-lc-rs here, allows about 2 700 per core: 'cargo bench --bench copy')")
+          f"{num(cores, '{:.2f}')} cores = {num(per_core)} copies/s per busy core"
+          + (f" (one DKIM signature alone takes {signing * 1e3:.2f} ms: at most "
+             f"{1 / signing:.0f} copies/s per core)" if signing else ""))
     for rc in (1, 10):
         if ("optgate", rc) not in cases or ("postfix", rc) not in cases:
             continue
