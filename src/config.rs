@@ -194,6 +194,21 @@ pub struct WebhookConfig {
     pub url: String,
     /// Signs each delivery (HMAC-SHA256), so the receiver knows it came from us.
     pub secret: String,
+    pub start: WebhookStart,
+}
+
+/// Where a webhook URL never seen before starts in the events feed. Only its first
+/// start counts: from then on its cursor says where it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookStart {
+    /// With the oldest event held: the receiver learns the whole history (a CRM
+    /// being brought in sync).
+    #[default]
+    Oldest,
+    /// After the newest event held: only the changes from then on (a receiver that
+    /// has no use for years of imports replayed one request at a time).
+    Now,
 }
 
 #[derive(Debug, Clone)]
@@ -254,6 +269,8 @@ struct RawApi {
 struct RawWebhook {
     url: String,
     secret: String,
+    #[serde(default)]
+    start: WebhookStart,
 }
 
 #[derive(Deserialize)]
@@ -946,6 +963,7 @@ impl Validator<'_> {
                 Ok(WebhookConfig {
                     url: w.url,
                     secret: w.secret,
+                    start: w.start,
                 })
             })
             .collect()
@@ -1063,6 +1081,21 @@ mod tests {
                 "::1/128".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn a_webhook_starts_with_the_oldest_event_unless_told_now() {
+        let hook = |start: &str| {
+            let section = format!(
+                "[[webhook]]\nurl = \"https://crm.example/h\"\nsecret = \"0123456789abcdef\"\n{start}\n{MINIMAL}"
+            );
+            Config::parse(&section, Path::new("x.toml")).map(|c| c.webhooks[0].start)
+        };
+        assert_eq!(hook("").unwrap(), WebhookStart::Oldest);
+        assert_eq!(hook("start = \"oldest\"").unwrap(), WebhookStart::Oldest);
+        assert_eq!(hook("start = \"now\"").unwrap(), WebhookStart::Now);
+        let e = hook("start = \"yesterday\"").unwrap_err().to_string();
+        assert!(e.contains("yesterday") && e.contains("now"), "{e}");
     }
 
     #[test]

@@ -337,8 +337,11 @@ pub trait Store: Send + Sync + 'static {
         kinds: &[&str],
         limit: usize,
     ) -> Result<Vec<Event>, StoreError>;
-    /// The id of the last event a webhook endpoint acknowledged (0 if none yet).
-    fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError>;
+    /// The id of the last event a webhook endpoint acknowledged. For a URL never seen
+    /// before, first records where it starts: at 0, so that the oldest event held
+    /// comes first, or, `from_now`, at the newest event's id, so that only later
+    /// ones are sent.
+    fn webhook_cursor(&self, url: &str, from_now: bool) -> Result<i64, StoreError>;
     fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError>;
 
     // ---- bulk consent: import and export

@@ -294,6 +294,32 @@ impl SqliteStore {
         self.write_as(true, f)
     }
 
+    /// The number `select` finds for `key`: on a reader when the row exists (the
+    /// usual case, which then takes no write lock), else after `insert` made it (it
+    /// must do nothing if another writer came first), read back in the same write.
+    fn read_or_insert(
+        &self,
+        select: &str,
+        key: &str,
+        insert: impl FnOnce(&Transaction<'_>) -> Result<(), StoreError>,
+    ) -> Result<i64, StoreError> {
+        let known = self.read(|conn| {
+            Ok(conn
+                .prepare_cached(select)?
+                .query_row([key], |row| row.get(0))
+                .optional()?)
+        })?;
+        if let Some(value) = known {
+            return Ok(value);
+        }
+        self.write(|tx| {
+            insert(tx)?;
+            Ok(tx
+                .prepare_cached(select)?
+                .query_row([key], |row| row.get(0))?)
+        })
+    }
+
     /// [`Self::write`] without the fsync at commit: the transaction reaches the disk
     /// with the next fsync'd commit or checkpoint. An application crash loses nothing
     /// (the log is in the OS's cache); a power cut may lose it.
@@ -786,25 +812,18 @@ impl Store for SqliteStore {
     }
 
     fn contact_id(&self, address: &Address) -> Result<i64, StoreError> {
-        let known = self.read(|conn| {
-            Ok(conn
-                .prepare_cached("SELECT id FROM contacts WHERE address = ?1")?
-                .query_row([address.as_str()], |row| row.get(0))
-                .optional()?)
-        })?;
-        if let Some(id) = known {
-            return Ok(id);
-        }
-        self.write(|tx| {
-            tx.prepare_cached(
-                "INSERT INTO contacts (address, customer, created_at) VALUES (?1, 0, ?2)
-                 ON CONFLICT DO NOTHING",
-            )?
-            .execute(params![address.as_str(), clock::now()])?;
-            Ok(tx
-                .prepare_cached("SELECT id FROM contacts WHERE address = ?1")?
-                .query_row([address.as_str()], |row| row.get(0))?)
-        })
+        self.read_or_insert(
+            "SELECT id FROM contacts WHERE address = ?1",
+            address.as_str(),
+            |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO contacts (address, customer, created_at) VALUES (?1, 0, ?2)
+                     ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![address.as_str(), clock::now()])?;
+                Ok(())
+            },
+        )
     }
 
     fn contact_address(&self, id: i64) -> Result<Option<Address>, StoreError> {
@@ -1105,14 +1124,22 @@ impl Store for SqliteStore {
         self.read(|conn| rows(conn, &sql, values.as_slice(), event))
     }
 
-    fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError> {
-        self.read(|conn| {
-            Ok(conn
-                .prepare_cached("SELECT event_id FROM webhook_cursors WHERE url = ?1")?
-                .query_row([url], |row| row.get::<_, i64>(0))
-                .optional()?
-                .unwrap_or(0))
-        })
+    fn webhook_cursor(&self, url: &str, from_now: bool) -> Result<i64, StoreError> {
+        // Recorded at once, so that a URL started "now" keeps its place across restarts
+        // instead of moving on to whatever is newest at each start.
+        self.read_or_insert(
+            "SELECT event_id FROM webhook_cursors WHERE url = ?1",
+            url,
+            |tx| {
+                tx.prepare_cached(
+                    "INSERT INTO webhook_cursors (url, event_id) VALUES (?1,
+                        CASE WHEN ?2 THEN (SELECT coalesce(max(id), 0) FROM events) ELSE 0 END)
+                     ON CONFLICT (url) DO NOTHING",
+                )?
+                .execute(params![url, from_now])?;
+                Ok(())
+            },
+        )
     }
 
     fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError> {
@@ -2478,7 +2505,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         let crm = "https://crm.example.com/hook";
-        assert_eq!(store.webhook_cursor(crm).unwrap(), 0);
+        assert_eq!(store.webhook_cursor(crm, false).unwrap(), 0);
         store.set_webhook_cursor(crm, 41).unwrap();
         store.set_webhook_cursor(crm, 42).unwrap();
         store
@@ -2486,15 +2513,57 @@ mod tests {
             .unwrap();
         drop(store);
         let store = open(&dir);
-        assert_eq!(store.webhook_cursor(crm).unwrap(), 42);
+        assert_eq!(store.webhook_cursor(crm, false).unwrap(), 42);
         assert_eq!(
             store
-                .webhook_cursor("https://mailer.example.com/hook")
+                .webhook_cursor("https://mailer.example.com/hook", true)
                 .unwrap(),
-            7
+            7,
+            "a known URL keeps its place, whatever its start"
         );
         assert_eq!(
-            store.webhook_cursor("https://other.example.com/").unwrap(),
+            store
+                .webhook_cursor("https://other.example.com/", false)
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_new_webhook_url_started_now_starts_after_the_newest_event_and_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let late = "https://late.example.com/hook";
+        assert_eq!(
+            store
+                .webhook_cursor("https://empty.example/", true)
+                .unwrap(),
+            0
+        );
+        for purpose in ["news", "offers"] {
+            store
+                .append_consent(&consent(
+                    "ann@example.net",
+                    purpose,
+                    ConsentAction::Grant,
+                    60,
+                ))
+                .unwrap();
+        }
+        let newest = store.events_since(0, &[], 100).unwrap().last().unwrap().id;
+        assert_eq!(store.webhook_cursor(late, true).unwrap(), newest);
+        store
+            .append_consent(&consent(
+                "bob@example.net",
+                "news",
+                ConsentAction::Grant,
+                61,
+            ))
+            .unwrap();
+        // Its place was recorded: asking again (a restart) does not move it on.
+        assert_eq!(store.webhook_cursor(late, true).unwrap(), newest);
+        assert_eq!(
+            store.webhook_cursor("https://all.example/", false).unwrap(),
             0
         );
     }

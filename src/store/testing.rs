@@ -30,6 +30,7 @@ pub enum Op {
     RecordOutcomes,
     Queue,
     EventsFor,
+    WebhookCursor,
     /// Every method no test needs to fail on its own.
     Other,
 }
@@ -178,8 +179,8 @@ impl Store for Flaky {
     ) -> Result<Vec<Event>, StoreError> {
         self.run(Op::Other, |s| s.events_since(after, kinds, limit))
     }
-    fn webhook_cursor(&self, url: &str) -> Result<i64, StoreError> {
-        self.run(Op::Other, |s| s.webhook_cursor(url))
+    fn webhook_cursor(&self, url: &str, from_now: bool) -> Result<i64, StoreError> {
+        self.run(Op::WebhookCursor, |s| s.webhook_cursor(url, from_now))
     }
     fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError> {
         self.run(Op::Other, |s| s.set_webhook_cursor(url, event_id))

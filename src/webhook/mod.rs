@@ -40,7 +40,8 @@
 //! half, so that many gateways do not retry in step), for ever: later events wait, so
 //! order is kept. Delivery is at least once: an acknowledgement lost on the way, or a
 //! crash right after it, sends the event again, with the same `id`; receivers
-//! deduplicate by it. A URL never seen before starts from the first event held.
+//! deduplicate by it. A URL never seen before starts with the oldest event held, or,
+//! with `start = "now"`, after the newest one: it then gets only what changes later.
 
 mod payload;
 
@@ -53,7 +54,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock;
-use crate::config::WebhookConfig;
+use crate::config::{WebhookConfig, WebhookStart};
 // "error sending request: … Connection refused": the top error alone rarely says what
 // went wrong.
 use crate::relay::error_chain;
@@ -170,6 +171,7 @@ pub fn start(
                 shown: shown_url(&url),
                 url,
                 cursor_key: webhook.url.clone(),
+                from_now: webhook.start == WebhookStart::Now,
                 key: payload::key(&webhook.secret),
                 client: client.clone(),
                 store: store.clone(),
@@ -204,6 +206,8 @@ struct Worker {
     url: reqwest::Url,
     /// The URL as configured: what the store keys the cursor by.
     cursor_key: String,
+    /// A URL never seen before starts after the newest event (`start = "now"`).
+    from_now: bool,
     shown: String,
     key: ring::hmac::Key,
     client: reqwest::Client,
@@ -215,8 +219,11 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) {
-        let key = self.cursor_key.clone();
-        let Some(mut cursor) = self.store_call(move |s| s.webhook_cursor(&key)).await else {
+        let (key, from_now) = (self.cursor_key.clone(), self.from_now);
+        let Some(mut cursor) = self
+            .store_call(move |s| s.webhook_cursor(&key, from_now))
+            .await
+        else {
             return;
         };
         tracing::info!(url = %self.shown, after = cursor, "webhook worker started");

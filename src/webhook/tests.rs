@@ -109,6 +109,7 @@ fn webhook(url: &str) -> Vec<WebhookConfig> {
     vec![WebhookConfig {
         url: url.to_string(),
         secret: SECRET.into(),
+        start: WebhookStart::Oldest,
     }]
 }
 
@@ -121,13 +122,13 @@ async fn events_go_in_order_each_retried_until_acknowledged() {
     assert_eq!(events.len(), 2, "{events:?}");
     let (url, receiver) = receiver(1).await;
     // The first cursor read fails: the worker tries the store again.
-    store.fail(Op::Other, 1);
+    store.fail(Op::WebhookCursor, 1);
     let shutdown = CancellationToken::new();
     let handle = start(&webhook(&url), store.clone(), shutdown.clone()).unwrap();
 
     wait_until("three requests", || requests(&receiver).len() >= 3).await;
     wait_until("the cursor at the last event", || {
-        store.webhook_cursor(&url).ok() == Some(events[1].id)
+        store.webhook_cursor(&url, false).ok() == Some(events[1].id)
     })
     .await;
     shutdown.cancel();
@@ -167,5 +168,47 @@ async fn shutdown_cuts_a_retry_wait_short() {
         .await
         .expect("the worker stops without waiting for its retry")
         .unwrap();
-    assert_eq!(store.webhook_cursor(&url).unwrap(), 0);
+    assert_eq!(store.webhook_cursor(&url, false).unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_new_url_started_now_gets_only_later_changes_even_after_a_restart() {
+    let store = Arc::new(Flaky::default());
+    record(store.as_ref(), ConsentAction::Grant);
+    record(store.as_ref(), ConsentAction::Withdraw);
+    let (url, receiver) = receiver(0).await;
+    let mut config = webhook(&url);
+    config[0].start = WebhookStart::Now;
+    let id_of = |n: usize| {
+        let events = store.events_since(0, &KINDS, 10).unwrap();
+        event_id(&events[n])
+    };
+    let received = || -> Vec<String> {
+        requests(&receiver)
+            .iter()
+            .map(|(headers, _)| headers["optgate-event-id"].to_str().unwrap().to_string())
+            .collect()
+    };
+
+    let shutdown = CancellationToken::new();
+    let handle = start(&config, store.clone(), shutdown.clone()).unwrap();
+    wait_until("the worker's start recorded", || {
+        store.calls(Op::WebhookCursor) == 1
+    })
+    .await;
+    record(store.as_ref(), ConsentAction::Grant);
+    wait_until("the third event", || !received().is_empty()).await;
+    shutdown.cancel();
+    handle.await.unwrap();
+
+    // Started again (the cursor is kept, so "now" is not the newest event again), with
+    // one more change made while it was down: that one comes, nothing older.
+    record(store.as_ref(), ConsentAction::Withdraw);
+    let shutdown = CancellationToken::new();
+    let handle = start(&config, store.clone(), shutdown.clone()).unwrap();
+    wait_until("the fourth event", || received().len() >= 2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    shutdown.cancel();
+    handle.await.unwrap();
+    assert_eq!(received(), [id_of(2), id_of(3)]);
 }

@@ -308,3 +308,60 @@ def test_erasure_is_announced_without_the_address(launch, upstream):
         ]
     finally:
         receiver.stop()
+
+
+def test_a_url_started_now_gets_only_later_changes(launch, upstream):
+    """Two receivers are added to a gateway that already holds consent changes: the
+    one with `start = "now"` gets only the changes made after that, also across a
+    restart with a change made while optgate was down; the default one gets the
+    history first."""
+    history, fresh = Receiver(), Receiver()
+    for receiver in (history, fresh):
+        receiver.decide = lambda payload: 200
+        receiver.start()
+    gate = launch(upstream.port)
+    try:
+        token = unique("start")
+        old, new, later = (f"{name}.{token}@example.net" for name in ("old", "new", "later"))
+        gate.cli_ok("consent", "grant", old, NEWS)
+        gate.cli_ok("consent", "withdraw", old, NEWS)
+        gate.stop()
+        gate.config["webhook"] = [
+            {"url": history.url, "secret": SECRET},
+            {"url": fresh.url, "secret": SECRET, "start": "now"},
+        ]
+        log_before = len(gate.log_path.read_text())
+        gate.start()
+        wait_until(
+            lambda: any(
+                "webhook worker started" in line and fresh.url in line
+                for line in gate.log_path.read_text()[log_before:].splitlines()
+            ),
+            "the start=now worker in its place",
+            timeout=10,
+        )
+        gate.cli_ok("consent", "grant", new, NEWS)
+        fresh.wait_for(lambda rs: any(r.acknowledged for r in rs), "the change made after")
+        gate.stop()
+        gate.cli_ok("consent", "grant", later, OFFERS)
+        gate.start()
+        fresh.wait_for(lambda rs: sum(r.acknowledged for r in rs) >= 2, "the change made while down")
+        history.wait_for(lambda rs: sum(r.acknowledged for r in rs) >= 4, "every change")
+        time.sleep(QUIET)
+        for receiver in (history, fresh):
+            for request in receiver.snapshot():
+                check_request(request)
+            check_acknowledged_once_in_order(receiver.snapshot())
+        assert [summary(p) for p in fresh.acknowledged()] == [
+            ("consent.granted", new, NEWS),
+            ("consent.granted", later, OFFERS),
+        ]
+        assert [summary(p) for p in history.acknowledged()] == [
+            ("consent.granted", old, NEWS),
+            ("consent.withdrawn", old, NEWS),
+            ("consent.granted", new, NEWS),
+            ("consent.granted", later, OFFERS),
+        ]
+    finally:
+        history.stop()
+        fresh.stop()
