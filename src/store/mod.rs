@@ -341,7 +341,7 @@ pub trait Store: Send + Sync + 'static {
     /// before, first records where it starts: at 0, so that the oldest event held
     /// comes first, or, `from_now`, at the newest event's id, so that only later
     /// ones are sent.
-    fn webhook_cursor(&self, url: &str, from_now: bool) -> Result<i64, StoreError>;
+    fn webhook_cursor_or_start(&self, url: &str, from_now: bool) -> Result<i64, StoreError>;
     fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError>;
 
     // ---- bulk consent: import and export

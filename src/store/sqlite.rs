@@ -1124,7 +1124,7 @@ impl Store for SqliteStore {
         self.read(|conn| rows(conn, &sql, values.as_slice(), event))
     }
 
-    fn webhook_cursor(&self, url: &str, from_now: bool) -> Result<i64, StoreError> {
+    fn webhook_cursor_or_start(&self, url: &str, from_now: bool) -> Result<i64, StoreError> {
         // Recorded at once, so that a URL started "now" keeps its place across restarts
         // instead of moving on to whatever is newest at each start.
         self.read_or_insert(
@@ -2505,7 +2505,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         let crm = "https://crm.example.com/hook";
-        assert_eq!(store.webhook_cursor(crm, false).unwrap(), 0);
+        assert_eq!(store.webhook_cursor_or_start(crm, false).unwrap(), 0);
         store.set_webhook_cursor(crm, 41).unwrap();
         store.set_webhook_cursor(crm, 42).unwrap();
         store
@@ -2513,17 +2513,17 @@ mod tests {
             .unwrap();
         drop(store);
         let store = open(&dir);
-        assert_eq!(store.webhook_cursor(crm, false).unwrap(), 42);
+        assert_eq!(store.webhook_cursor_or_start(crm, false).unwrap(), 42);
         assert_eq!(
             store
-                .webhook_cursor("https://mailer.example.com/hook", true)
+                .webhook_cursor_or_start("https://mailer.example.com/hook", true)
                 .unwrap(),
             7,
             "a known URL keeps its place, whatever its start"
         );
         assert_eq!(
             store
-                .webhook_cursor("https://other.example.com/", false)
+                .webhook_cursor_or_start("https://other.example.com/", false)
                 .unwrap(),
             0
         );
@@ -2536,7 +2536,7 @@ mod tests {
         let late = "https://late.example.com/hook";
         assert_eq!(
             store
-                .webhook_cursor("https://empty.example/", true)
+                .webhook_cursor_or_start("https://empty.example/", true)
                 .unwrap(),
             0
         );
@@ -2551,7 +2551,7 @@ mod tests {
                 .unwrap();
         }
         let newest = store.events_since(0, &[], 100).unwrap().last().unwrap().id;
-        assert_eq!(store.webhook_cursor(late, true).unwrap(), newest);
+        assert_eq!(store.webhook_cursor_or_start(late, true).unwrap(), newest);
         store
             .append_consent(&consent(
                 "bob@example.net",
@@ -2561,9 +2561,11 @@ mod tests {
             ))
             .unwrap();
         // Its place was recorded: asking again (a restart) does not move it on.
-        assert_eq!(store.webhook_cursor(late, true).unwrap(), newest);
+        assert_eq!(store.webhook_cursor_or_start(late, true).unwrap(), newest);
         assert_eq!(
-            store.webhook_cursor("https://all.example/", false).unwrap(),
+            store
+                .webhook_cursor_or_start("https://all.example/", false)
+                .unwrap(),
             0
         );
     }

@@ -179,8 +179,10 @@ impl Store for Flaky {
     ) -> Result<Vec<Event>, StoreError> {
         self.run(Op::Other, |s| s.events_since(after, kinds, limit))
     }
-    fn webhook_cursor(&self, url: &str, from_now: bool) -> Result<i64, StoreError> {
-        self.run(Op::WebhookCursor, |s| s.webhook_cursor(url, from_now))
+    fn webhook_cursor_or_start(&self, url: &str, from_now: bool) -> Result<i64, StoreError> {
+        self.run(Op::WebhookCursor, |s| {
+            s.webhook_cursor_or_start(url, from_now)
+        })
     }
     fn set_webhook_cursor(&self, url: &str, event_id: i64) -> Result<(), StoreError> {
         self.run(Op::Other, |s| s.set_webhook_cursor(url, event_id))

@@ -221,7 +221,7 @@ impl Worker {
     async fn run(mut self) {
         let (key, from_now) = (self.cursor_key.clone(), self.from_now);
         let Some(mut cursor) = self
-            .store_call(move |s| s.webhook_cursor(&key, from_now))
+            .store_call(move |s| s.webhook_cursor_or_start(&key, from_now))
             .await
         else {
             return;
