@@ -29,7 +29,8 @@ from helpers import (
     unique,
 )
 
-NEWSLETTER = Path("/work/shared/fixtures/newsletter.eml")
+# `../shared` beside the checkout, as the Rust tests and the benchmark read it.
+NEWSLETTER = Path(__file__).resolve().parents[3] / "shared/fixtures/newsletter.eml"
 PLACEHOLDER = "%%unsubscribe_url%%"
 
 # A French purpose (default French footer) and one with its own footer templates.
